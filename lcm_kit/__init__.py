@@ -1,0 +1,1 @@
+"""lcm_kit: Latent Consistency Models for diffusers."""
