@@ -1,0 +1,162 @@
+"""Tiny Stable-Diffusion-format models built in code, for tests, benchmarks and offline demos.
+
+Nothing here downloads anything: the tokenizer is a byte-level CLIP BPE vocabulary with no merges written to disk,
+and all models are randomly initialised with a seed. Folders are written with ``save_pretrained`` exactly like a
+user's SD folder, so they are loaded back with ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+SD15_SCHEDULER_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+}
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP's reversible byte -> printable-unicode table (256 entries)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
+def write_byte_clip_tokenizer(path: str | os.PathLike, model_max_length: int = 77):
+    """Writes a CLIP tokenizer with a byte-level vocabulary and no merges (514 tokens) and returns it loaded.
+
+    Every text tokenizes (one token per byte, the last byte of a word carrying ``</w>``), which is all a tiny
+    random text encoder needs.
+    """
+    from transformers import CLIPTokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    alphabet = list(bytes_to_unicode().values())
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
+    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    (path / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    tok = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=model_max_length)
+    tok.save_pretrained(path)
+    return tok
+
+
+def tiny_unet_config(
+    block_out_channels: Sequence[int] = (8, 16),
+    sample_size: int = 8,
+    cross_attention_dim: int = 16,
+    time_cond_proj_dim: int | None = None,
+) -> dict:
+    """Config of a small SD-shaped ``UNet2DConditionModel`` (cross-attention in all but the deepest block)."""
+    n = len(block_out_channels)
+    return dict(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
+        norm_num_groups=4,
+        time_cond_proj_dim=time_cond_proj_dim,
+    )
+
+
+def build_tiny_sd(
+    time_cond_proj_dim: int | None = None,
+    prediction_type: str = "epsilon",
+    unet_block_out_channels: Sequence[int] = (8, 16),
+    latent_size: int = 8,
+    seed: int = 0,
+    tokenizer_dir: str | os.PathLike | None = None,
+) -> dict:
+    """Builds the components of a tiny SD1.x pipeline (random weights, VAE factor 2) as a dict of modules.
+
+    Args:
+        time_cond_proj_dim: Give the UNet a guidance-scale embedding of this width (an LCM UNet), or none.
+        prediction_type: The scheduler's ``prediction_type`` (``epsilon``, ``v_prediction``, ``sample``).
+        unet_block_out_channels: UNet widths.
+        latent_size: UNet ``sample_size`` (images are twice as large).
+        seed: Seed of the random initialisation.
+        tokenizer_dir: Where to write the tokenizer files (a temp folder if omitted).
+    """
+    import tempfile
+
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = write_byte_clip_tokenizer(tokenizer_dir or tempfile.mkdtemp(prefix="lcm_kit_tok_"))
+    cross_dim = 16
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        **tiny_unet_config(unet_block_out_channels, latent_size, cross_dim, time_cond_proj_dim)
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=latent_size * 2,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cross_dim,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = PNDMScheduler(**SD15_SCHEDULER_CONFIG, prediction_type=prediction_type)
+    return dict(
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+    )
+
+
+def save_tiny_sd_folder(path: str | os.PathLike, **kwargs) -> Path:
+    """Builds a tiny SD pipeline (see :func:`build_tiny_sd`) and saves it as a diffusers folder at ``path``.
+
+    The folder is a plain ``StableDiffusionPipeline`` folder (PNDM scheduler, as SD1.5 ships), so it exercises the
+    same loading path as a real SD checkpoint.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    import tempfile
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory(prefix="lcm_kit_tok_") as tok_dir:
+        components = build_tiny_sd(tokenizer_dir=tok_dir, **kwargs)
+        pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
+        pipe.save_pretrained(path, safe_serialization=True)
+    return path
