@@ -44,7 +44,8 @@ class LCMKitScheduler(SchedulerMixin, ConfigMixin):
       sigma(t') eps`` -- exactly ``diffusers.LCMScheduler``.
     * ``gamma > 0``: the model's DDIM prediction is taken to ``s = floor((1 - gamma) t')``, ``x_s = alpha(s) pred_x0 +
       sigma(s) pred_eps``, then forward-diffused from ``s`` to ``t'`` -- exactly ``diffusers.TCDScheduler`` with
-      ``eta = gamma``. ``gamma = 1`` re-noises from ``pred_x0`` itself; small ``gamma`` is closer to deterministic DDIM.
+      ``eta = gamma``. ``gamma = 1`` re-noises from ``pred_x0`` itself; small ``gamma`` is closer to
+      deterministic DDIM.
 
     Args:
         num_train_timesteps: Length of the DDPM schedule the model was trained with.
@@ -245,7 +246,9 @@ class LCMKitScheduler(SchedulerMixin, ConfigMixin):
         if is_last:
             prev_sample = denoised
         else:
-            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=denoised.dtype)
+            noise = randn_tensor(
+                model_output.shape, generator=generator, device=model_output.device, dtype=denoised.dtype
+            )
             # forward diffusion from t_from (x0 itself when None) to t_next: ratio of the cumulative alphas.
             ratio = ac[t_next] / (ac[t_from] if t_from is not None else 1.0)
             prev_sample = F.diffuse(denoised, noise, ratio.sqrt(), (1 - ratio).sqrt())

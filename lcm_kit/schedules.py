@@ -92,10 +92,14 @@ def skipping_step_timesteps(num_train_timesteps: int, num_steps: int, strength: 
 
 
 def lcm_inference_timesteps(
-    num_inference_steps: int, num_train_timesteps: int = 1000, original_inference_steps: int = 50, strength: float = 1.0
+    num_inference_steps: int,
+    num_train_timesteps: int = 1000,
+    original_inference_steps: int = 50,
+    strength: float = 1.0,
 ) -> np.ndarray:
     """The LCM inference schedule: ``num_inference_steps`` points evenly spaced in index over the descending
-    skipping-step grid (LCM Algorithm 3). 4 of 50 -> ``[999, 759, 499, 259]``; strength 0.5 -> ``[499, 379, 259, 139]``.
+    skipping-step grid (LCM Algorithm 3). 4 of 50 -> ``[999, 759, 499, 259]``; strength 0.5 ->
+    ``[499, 379, 259, 139]``.
 
     Raises:
         ValueError: if the (strength-cut) grid has fewer points than ``num_inference_steps``.
@@ -136,7 +140,9 @@ def check_custom_timesteps(
     grid = set(skipping_step_timesteps(num_train_timesteps, original_inference_steps).tolist())
     off_grid = [int(t) for t in ts[1:] if int(t) not in grid]
     if off_grid:
-        logger.warning("custom timesteps %s are not on the %d-step distillation grid", off_grid, original_inference_steps)
+        logger.warning(
+            "custom timesteps %s are not on the %d-step distillation grid", off_grid, original_inference_steps
+        )
     if ts[0] != num_train_timesteps - 1:
         logger.warning("custom timesteps start at %d, not %d", ts[0], num_train_timesteps - 1)
     return ts

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .tokenizer import bytes_to_unicode
+
 SD15_SCHEDULER_CONFIG = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
@@ -23,19 +25,6 @@ SD15_SCHEDULER_CONFIG = {
     "skip_prk_steps": True,
     "steps_offset": 1,
 }
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP's reversible byte -> printable-unicode table (256 entries)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs), strict=True))
 
 
 def write_byte_clip_tokenizer(path: str | os.PathLike, model_max_length: int = 77):
@@ -150,9 +139,9 @@ def save_tiny_sd_folder(path: str | os.PathLike, **kwargs) -> Path:
     The folder is a plain ``StableDiffusionPipeline`` folder (PNDM scheduler, as SD1.5 ships), so it exercises the
     same loading path as a real SD checkpoint.
     """
-    from diffusers import StableDiffusionPipeline
-
     import tempfile
+
+    from diffusers import StableDiffusionPipeline
 
     path = Path(path)
     with tempfile.TemporaryDirectory(prefix="lcm_kit_tok_") as tok_dir:
