@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny SD-format folders built in code and saved with ``save_pretrained`` (see lcm_kit.testing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lcm_kit.testing import save_tiny_sd_folder
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    # Two threads max: CI has two cores, and fixed thread counts keep float reductions reproducible run to run.
+    torch.set_num_threads(2)
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """A plain SD1.x folder (no w-embedding, PNDM scheduler as SD1.5 ships), epsilon prediction."""
+    return save_tiny_sd_folder(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_lcm_dir(tmp_path_factory):
+    """An SD1.x folder whose UNet has a guidance-scale embedding (``time_cond_proj_dim=32``), like an LCM."""
+    return save_tiny_sd_folder(tmp_path_factory.mktemp("tiny_lcm"), time_cond_proj_dim=32)
