@@ -31,7 +31,13 @@ from PIL import Image, ImageDraw, ImageFont
 FONT_PATH = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 EMOJI_TEST_PATH = "/usr/share/unicode/emoji/emoji-test.txt"
 STRIKE_PPEM = 109  # the font's only bitmap size
-SKIN_TONES = ("light skin tone", "medium-light skin tone", "medium skin tone", "medium-dark skin tone", "dark skin tone")
+SKIN_TONES = (
+    "light skin tone",
+    "medium-light skin tone",
+    "medium skin tone",
+    "medium-dark skin tone",
+    "dark skin tone",
+)
 
 
 @dataclass(frozen=True)
