@@ -1,0 +1,142 @@
+"""LCMKitScheduler against diffusers' LCMScheduler / TCDScheduler: same sampling loops, same configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler, PNDMScheduler, TCDScheduler
+
+from lcm_kit.scheduler import LCMKitScheduler
+from lcm_kit.testing import SD15_SCHEDULER_CONFIG
+
+
+def toy_model(x: torch.Tensor, t) -> torch.Tensor:
+    """A deterministic stand-in for a UNet: a fixed channel mix of the input plus a timestep-dependent bias."""
+    mix = torch.linspace(-1, 1, 16).reshape(4, 4)
+    return 0.3 * torch.einsum("ij,bjhw->bihw", mix, x) + 1e-3 * float(t)
+
+
+def run_loop(scheduler, set_kwargs: dict, step_kwargs: dict | None = None, x=None, seed: int = 0):
+    scheduler.set_timesteps(**set_kwargs)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(42)) if x is None else x
+    gen = torch.Generator().manual_seed(seed)
+    denoised = None
+    for t in scheduler.timesteps:
+        x, denoised = scheduler.step(toy_model(x, t), t, x, generator=gen, return_dict=False, **(step_kwargs or {}))
+    return x, denoised
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_loop_equals_diffusers_lcm(prediction_type, steps):
+    ref = LCMScheduler(prediction_type=prediction_type)
+    ours = LCMKitScheduler.from_config(ref.config)
+    x_ref, d_ref = run_loop(ref, {"num_inference_steps": steps})
+    x, d = run_loop(ours, {"num_inference_steps": steps})
+    assert torch.equal(ours.timesteps, ref.timesteps)
+    torch.testing.assert_close(d, d_ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(x, x_ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+@pytest.mark.parametrize("gamma", [0.3, 1.0])
+def test_loop_equals_diffusers_tcd(prediction_type, steps, gamma):
+    ref = TCDScheduler(prediction_type=prediction_type)
+    ours = LCMKitScheduler.from_config(ref.config, gamma=gamma)
+    x_ref, d_ref = run_loop(ref, {"num_inference_steps": steps}, {"eta": gamma})
+    x, d = run_loop(ours, {"num_inference_steps": steps})
+    torch.testing.assert_close(d, d_ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(x, x_ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5, 0.3])
+def test_strength_schedule_equals_diffusers(strength):
+    ref, ours = LCMScheduler(), LCMKitScheduler()
+    x_ref, d_ref = run_loop(ref, {"num_inference_steps": 4, "strength": strength})
+    x, d = run_loop(ours, {"num_inference_steps": 4, "strength": strength})
+    assert torch.equal(ours.timesteps, ref.timesteps)
+    torch.testing.assert_close(x, x_ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(("timesteps", "strength"), [([999, 749, 499, 249], 1.0), ([999, 499, 259], 1.0)])
+def test_custom_timesteps_equal_diffusers(timesteps, strength):
+    ref, ours = LCMScheduler(), LCMKitScheduler()
+    x_ref, d_ref = run_loop(ref, {"timesteps": timesteps, "strength": strength})
+    x, d = run_loop(ours, {"timesteps": timesteps, "strength": strength})
+    assert ours.timesteps.tolist() == ref.timesteps.tolist()
+    torch.testing.assert_close(x, x_ref, atol=1e-6, rtol=0)
+
+
+def test_custom_timesteps_with_strength_denoised_equals_diffusers():
+    # diffusers keeps num_inference_steps = len(full custom list) after the strength cut, so its last step still
+    # re-noises prev_sample; ours ends on the denoised latent. The decoded quantity, `denoised`, is the same.
+    ref, ours = LCMScheduler(), LCMKitScheduler()
+    _, d_ref = run_loop(ref, {"timesteps": [999, 749, 499, 249], "strength": 0.5})
+    x, d = run_loop(ours, {"timesteps": [999, 749, 499, 249], "strength": 0.5})
+    assert ours.timesteps.tolist() == [499, 249]
+    torch.testing.assert_close(d, d_ref, atol=1e-6, rtol=0)
+    assert torch.equal(x, d)
+
+
+def test_config_round_trips(tmp_path):
+    ours = LCMKitScheduler(prediction_type="v_prediction", timestep_scaling=5.0, gamma=0.2, sigma_data=0.4)
+    theirs = LCMScheduler.from_config(ours.config)
+    assert theirs.config.prediction_type == "v_prediction" and theirs.config.timestep_scaling == 5.0
+    back = LCMKitScheduler.from_config(theirs.config)
+    # diffusers warns about our extra keys but carries them in its config, so they survive the trip
+    assert back.config.timestep_scaling == 5.0 and back.config.gamma == 0.2 and back.config.sigma_data == 0.4
+    ours.save_pretrained(tmp_path)
+    loaded = LCMKitScheduler.from_pretrained(tmp_path)
+    public = {k: v for k, v in ours.config.items() if not k.startswith("_")}
+    assert {k: loaded.config[k] for k in public} == public
+
+
+@pytest.mark.parametrize("cls", [PNDMScheduler, DDPMScheduler, DDIMScheduler])
+def test_from_stock_sd_scheduler_config(cls, tmp_path):
+    stock = cls(**{k: v for k, v in SD15_SCHEDULER_CONFIG.items() if k in cls().config})
+    stock.register_to_config(set_alpha_to_one=False)  # NOTES item 3: DDPM has no such argument
+    stock.save_pretrained(tmp_path)
+    ours = LCMKitScheduler.from_pretrained(tmp_path)
+    assert ours.config.set_alpha_to_one is False
+    torch.testing.assert_close(ours.alphas_cumprod, stock.alphas_cumprod)
+    assert ours.timesteps.dtype == torch.long and len(ours) == 1000
+
+
+def test_add_noise_and_velocity_equal_diffusers():
+    ref, ours = LCMScheduler(), LCMKitScheduler()
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, 4, 4, generator=g), torch.randn(3, 4, 4, 4, generator=g)
+    t = torch.tensor([0, 400, 999])
+    torch.testing.assert_close(ours.add_noise(x0, eps, t), ref.add_noise(x0, eps, t))
+    torch.testing.assert_close(ours.get_velocity(x0, eps, t), ref.get_velocity(x0, eps, t))
+
+
+def test_bad_input_raises():
+    with pytest.raises(ValueError, match="gamma"):
+        LCMKitScheduler(gamma=1.5)
+    with pytest.raises(ValueError, match="flow"):
+        LCMKitScheduler(prediction_type="flow")
+    s = LCMKitScheduler()
+    with pytest.raises(ValueError, match="set_timesteps"):
+        s.step(torch.zeros(1, 4, 2, 2), 999, torch.zeros(1, 4, 2, 2))
+    with pytest.raises(ValueError, match="exactly one"):
+        s.set_timesteps(4, timesteps=[999, 499])
+    with pytest.raises(ValueError, match="strength"):
+        s.set_timesteps(4, strength=0.0)
+    with pytest.raises(ValueError, match="60"):
+        s.set_timesteps(60)
+
+
+def test_begin_index_for_img2img():
+    s = LCMKitScheduler()
+    s.set_timesteps(4)
+    s.set_begin_index(2)
+    x = torch.randn(1, 4, 2, 2)
+    s.step(toy_model(x, 499), 499, x)
+    assert s.step_index == 3
+
+
+def test_scale_model_input_is_identity():
+    x = torch.randn(1, 4, 2, 2)
+    assert LCMKitScheduler().scale_model_input(x, 10) is x
