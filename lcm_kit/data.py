@@ -1,0 +1,348 @@
+"""Training data: image/caption sources, transforms, and an optional latent + text-embedding cache.
+
+Three sources, one per option of :class:`DataConfig`, all read as a random-access list of ``(image, caption)``:
+
+* ``train_data_dir``: an image folder with ``metadata.jsonl`` or ``metadata.csv`` captions, loaded with
+  ``datasets.load_dataset("imagefolder", data_dir=...)`` (columns ``image`` and e.g. ``text``).
+* ``dataset_name``: a ``datasets`` hub name, ``datasets.load_dataset(name, config, split="train")``.
+* ``train_shards``: webdataset tar shards (comma-separated paths or globs). A sample is the members that share a
+  key (the name up to the first dot); the image is its ``.jpg/.jpeg/.png/.webp`` member, the caption its ``.txt``
+  member, else ``json[caption_column]``. Tar headers are indexed once at start (nothing decoded), so shards are
+  read by offset in any order: shuffling is the sampler's and resume is exact, unlike streaming shard resampling.
+
+Every image is decoded once before training (:func:`build_dataset` / :func:`scan_valid`): unreadable or corrupt
+ones are skipped, counted and reported, never crash a run; no valid sample at all raises ``ValueError``.
+
+Transforms (no torchvision): resize the short side to ``resolution`` (bilinear, as diffusers' scripts), center or
+random crop to a square, optional horizontal flip (p = 0.5), scale to ``[-1, 1]``. Random choices come from a
+generator seeded by ``(seed, epoch, index)``, so they do not depend on worker count and repeat exactly on resume.
+
+The cache (:mod:`lcm_kit.latent_cache`) stores VAE posterior mean and std, both times ``scaling_factor``, and the
+text-encoder hidden states of each caption, so training draws a fresh latent sample ``mean + std * eps`` each time
+(what ``latent_dist.sample()`` does) without running the VAE or the text encoder.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the training images come from and how they are transformed."""
+
+    train_data_dir: str | None = field(
+        default=None, metadata={"help": "Image folder with metadata.jsonl / metadata.csv captions (imagefolder)."}
+    )
+    dataset_name: str | None = field(default=None, metadata={"help": "A `datasets` hub name (train split)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Config name of --dataset_name."})
+    train_shards: str | None = field(
+        default=None, metadata={"help": "Webdataset tar shards: comma-separated paths or globs."}
+    )
+    image_column: str = field(default="image", metadata={"help": "Image column (imagefolder / hub datasets)."})
+    caption_column: str = field(
+        default="text", metadata={"help": "Caption column; for shards the json key used when there is no .txt."}
+    )
+    resolution: int = field(default=512, metadata={"help": "Square training resolution in pixels."})
+    center_crop: bool = field(default=False, metadata={"help": "Center crop (default: random crop)."})
+    random_flip: bool = field(default=False, metadata={"help": "Random horizontal flip with p = 0.5."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N samples."})
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Precompute VAE latents + text embeddings into this folder once and reuse them."},
+    )
+
+    def __post_init__(self):
+        sources = [s for s in (self.train_data_dir, self.dataset_name, self.train_shards) if s]
+        if len(sources) != 1:
+            raise ValueError(
+                "give exactly one of --train_data_dir, --dataset_name, --train_shards; got "
+                f"train_data_dir={self.train_data_dir!r}, dataset_name={self.dataset_name!r}, "
+                f"train_shards={self.train_shards!r}"
+            )
+        if self.train_data_dir and not Path(self.train_data_dir).is_dir():
+            raise ValueError(f"train_data_dir {self.train_data_dir!r} is not a directory")
+        if self.resolution <= 0 or self.resolution % 8:
+            raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.max_train_samples is not None and self.max_train_samples <= 0:
+            raise ValueError(f"max_train_samples must be > 0, got {self.max_train_samples}")
+        if self.cache_dir and not self.center_crop:
+            raise ValueError("a latent cache needs a fixed crop: pass --center_crop with --cache_dir")
+
+
+# ----------------------------------------------------------------------------------------------- sources
+class HFSource:
+    """A ``datasets.Dataset`` read as raw image (bytes or path) + caption, images left undecoded."""
+
+    def __init__(self, ds, image_column: str, caption_column: str):
+        import datasets
+
+        missing = [c for c in (image_column, caption_column) if c not in ds.column_names]
+        if missing:
+            raise ValueError(f"column(s) {missing} not in the dataset; available columns: {ds.column_names}")
+        if isinstance(ds.features[image_column], datasets.Image):
+            ds = ds.cast_column(image_column, datasets.Image(decode=False))
+        self.ds, self.image_column, self.caption_column = ds, image_column, caption_column
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def fingerprint(self) -> str:
+        return str(getattr(self.ds, "_fingerprint", len(self.ds)))
+
+    def raw(self, i: int) -> tuple[Any, str]:
+        row = self.ds[int(i)]
+        caption = row[self.caption_column]
+        if isinstance(caption, (list, tuple)):  # several captions per image: the first, deterministically
+            caption = caption[0] if caption else ""
+        return row[self.image_column], str(caption)
+
+
+class ShardSource:
+    """Webdataset tar shards indexed by member offsets (see module docstring)."""
+
+    def __init__(self, shards: Sequence[str], caption_column: str):
+        self.shards, self.caption_column = list(shards), caption_column
+        self.samples: list[dict[str, tuple[int, int, int]]] = []  # ext -> (shard index, offset, size)
+        for si, path in enumerate(self.shards):
+            groups: dict[str, dict[str, tuple[int, int, int]]] = {}
+            with tarfile.open(path, "r:") as tar:
+                for m in tar.getmembers():
+                    if not m.isfile():
+                        continue
+                    if "." not in os.path.basename(m.name):
+                        continue
+                    key, ext = _split_key(m.name)
+                    groups.setdefault(key, {})[ext.lower()] = (si, m.offset_data, m.size)
+            self.samples.extend(groups.values())
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def fingerprint(self) -> str:
+        return json.dumps([(p, os.path.getsize(p), os.path.getmtime(p)) for p in self.shards])
+
+    def _read(self, loc: tuple[int, int, int]) -> bytes:
+        si, offset, size = loc
+        with open(self.shards[si], "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+
+    def raw(self, i: int) -> tuple[Any, str | None]:
+        sample = self.samples[int(i)]
+        img_ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        image = {"bytes": self._read(sample[img_ext]), "path": None} if img_ext else None
+        if "txt" in sample:
+            return image, self._read(sample["txt"]).decode("utf-8").strip()
+        if "json" in sample:
+            meta = json.loads(self._read(sample["json"]))
+            if self.caption_column in meta:
+                return image, str(meta[self.caption_column])
+        return image, None
+
+    def check_columns(self) -> None:
+        """Raises ``ValueError`` naming the members found when the first sample has no image or no caption."""
+        if not self.samples:
+            return
+        image, caption = self.raw(0)
+        if image is None or caption is None:
+            found = sorted(self.samples[0])
+            if "json" in self.samples[0]:
+                found += [f"json.{k}" for k in json.loads(self._read(self.samples[0]["json"]))]
+            raise ValueError(
+                f"shard samples need an image ({'/'.join(IMAGE_EXTS)}) and a caption (.txt or json key "
+                f"{self.caption_column!r}); available columns in the first sample: {found}"
+            )
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """Webdataset convention: ``dir/abc.seg.jpg`` -> key ``dir/abc``, extension ``seg.jpg``."""
+    folder, _, base = name.rpartition("/")
+    key, ext = base.split(".", 1)
+    return f"{folder}/{key}" if folder else key, ext
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Comma-separated paths or globs -> sorted, de-duplicated list of existing files (``ValueError`` if none)."""
+    paths: list[str] = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        matches = sorted(glob.glob(part))
+        if not matches:
+            raise ValueError(f"train_shards entry {part!r} matches no file")
+        paths.extend(m for m in matches if m not in paths)
+    return paths
+
+
+def open_source(config: DataConfig) -> HFSource | ShardSource:
+    """Opens the configured source (no image decoded yet)."""
+    if config.train_shards:
+        source = ShardSource(expand_shards(config.train_shards), config.caption_column)
+        source.check_columns()
+        return source
+    import datasets
+
+    if config.train_data_dir:
+        ds = datasets.load_dataset("imagefolder", data_dir=config.train_data_dir, split="train")
+    else:
+        ds = datasets.load_dataset(config.dataset_name, config.dataset_config_name, split="train")
+    return HFSource(ds, config.image_column, config.caption_column)
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+def decode_image(raw: Any) -> Image.Image | None:
+    """Decodes a raw image (PIL image, path, or ``{"bytes", "path"}`` dict) to RGB; ``None`` if unreadable."""
+    try:
+        if isinstance(raw, Image.Image):
+            img = raw
+        elif isinstance(raw, (str, os.PathLike)):
+            img = Image.open(raw)
+        elif isinstance(raw, dict) and raw.get("bytes"):
+            img = Image.open(io.BytesIO(raw["bytes"]))
+        elif isinstance(raw, dict) and raw.get("path"):
+            img = Image.open(raw["path"])
+        else:
+            return None
+        img.load()
+        return img.convert("RGB")
+    except Exception as err:  # noqa: BLE001 - any decoder failure means "skip this image"
+        logger.debug("unreadable image: %s", err)
+        return None
+
+
+def scan_valid(source: HFSource | ShardSource, limit: int | None = None) -> tuple[list[int], list[int]]:
+    """Decodes every image once; returns ``(valid indices, skipped indices)`` (caption must be present too)."""
+    n = len(source) if limit is None else min(limit, len(source))
+    valid, skipped = [], []
+    for i in range(n):
+        raw, caption = source.raw(i)
+        (valid if caption is not None and decode_image(raw) is not None else skipped).append(i)
+    return valid, skipped
+
+
+# ----------------------------------------------------------------------------------------------- transforms
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A generator seeded by ``(seed, epoch, index)``: per-sample randomness independent of workers and resume."""
+    digest = hashlib.sha256(f"{seed}/{epoch}/{index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def transform_image(
+    img: Image.Image, resolution: int, center_crop: bool, flip: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Resize short side, crop (center, or random with ``generator``), optional h-flip -> ``(3, R, R)`` in [-1, 1]."""
+    w, h = img.size
+    scale = resolution / min(w, h)
+    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    img = img.resize((new_w, new_h), Image.BILINEAR)
+    if center_crop:
+        left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+    else:
+        left = int(torch.randint(0, new_w - resolution + 1, (1,), generator=generator))
+        top = int(torch.randint(0, new_h - resolution + 1, (1,), generator=generator))
+    img = img.crop((left, top, left + resolution, top + resolution))
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
+    return x.flip(-1) if flip else x
+
+
+def draw_flip(random_flip: bool, generator: torch.Generator) -> bool:
+    """Whether to flip this sample (p = 0.5 when ``random_flip``)."""
+    return bool(random_flip and torch.rand((), generator=generator) < 0.5)
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """Valid samples of a source as ``{"pixel_values": (3, R, R) in [-1, 1], "caption": str}``."""
+
+    def __init__(self, source: HFSource | ShardSource, indices: Sequence[int], config: DataConfig, seed: int = 0):
+        self.source, self.indices, self.config, self.seed, self.epoch = source, list(indices), config, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        raw, caption = self.source.raw(self.indices[i])
+        img = decode_image(raw)
+        if img is None:  # was valid at scan time: the file changed under us
+            raise RuntimeError(f"image {self.indices[i]} became unreadable after the start-up scan")
+        gen = sample_generator(self.seed, self.epoch, i)
+        flip = draw_flip(self.config.random_flip, gen)
+        x = transform_image(img, self.config.resolution, self.config.center_crop, flip, gen)
+        return {"pixel_values": x, "caption": caption}
+
+
+class CachedLatentDataset(torch.utils.data.Dataset):
+    """Cached samples as ``{"latent_mean", "latent_std": (C, h, w), "prompt_embeds": (L, D)}`` (see module doc)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], random_flip: bool, seed: int = 0):
+        self.t, self.random_flip, self.seed, self.epoch = tensors, random_flip, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.t["latent_mean"].shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        flip = draw_flip(self.random_flip, sample_generator(self.seed, self.epoch, i))
+        sfx = "_flip" if flip else ""
+        return {
+            "latent_mean": self.t["latent_mean" + sfx][i],
+            "latent_std": self.t["latent_std" + sfx][i],
+            "prompt_embeds": self.t["prompt_embeds"][i],
+        }
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """Shuffles with a permutation seeded by ``(seed, epoch)``: identical on all ranks, repeatable on resume."""
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.n))
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=gen).tolist())
+
+
+def build_dataset(config: DataConfig, seed: int = 0) -> tuple[ImageCaptionDataset, int]:
+    """Opens the source, scans it and returns ``(dataset of valid samples, number skipped)``.
+
+    Raises:
+        ValueError: missing columns, or no valid sample at all.
+    """
+    source = open_source(config)
+    valid, skipped = scan_valid(source, config.max_train_samples)
+    if skipped:
+        logger.warning("skipped %d unreadable image(s) or missing caption(s) of %d", len(skipped), len(source))
+    if not valid:
+        raise ValueError(
+            f"the training dataset is empty: {len(source)} sample(s) found, {len(skipped)} unreadable/skipped"
+        )
+    return ImageCaptionDataset(source, valid, config, seed), len(skipped)

@@ -1,0 +1,139 @@
+"""A cache of VAE latents and text embeddings, computed once and reused by later runs.
+
+Format: one safetensors file ``<cache_dir>/lcm_cache-<key>.safetensors`` (written atomically: temp file + rename)
+holding, for the ``N`` valid samples in source order:
+
+* ``latent_mean``, ``latent_std`` -- ``(N, C, h, w)`` float32: the VAE posterior's mean and std, both already
+  multiplied by ``vae.config.scaling_factor``; a training latent is ``mean + std * eps`` (a fresh sample each
+  step, as ``latent_dist.sample() * scaling_factor``);
+* ``latent_mean_flip``, ``latent_std_flip`` -- the same for the horizontally flipped images (only with
+  ``random_flip``; the VAE is not flip-equivariant, so flipped images are encoded too);
+* ``prompt_embeds`` -- ``(N, L, D)`` float32 text-encoder last hidden states of the captions.
+
+The safetensors metadata holds the JSON of the key's inputs and the number of skipped samples. ``<key>`` is a
+hash of the teacher (resolved path, VAE / text-encoder configs and weight file sizes and mtimes), of the data
+(source fingerprint) and of the transform settings, so a different teacher, data set or resolution gets its own
+file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .data import DataConfig, HFSource, ImageCaptionDataset, ShardSource, scan_valid
+
+logger = logging.getLogger(__name__)
+CACHE_VERSION = 1
+
+
+def _teacher_signature(teacher_dir: str | os.PathLike) -> dict:
+    root = Path(teacher_dir).resolve()
+    sig: dict = {"path": str(root)}
+    for sub in ("vae", "text_encoder", "tokenizer"):
+        for f in sorted((root / sub).glob("*")) if (root / sub).is_dir() else []:
+            st = f.stat()
+            sig[f"{sub}/{f.name}"] = [st.st_size, int(st.st_mtime)]
+    return sig
+
+
+def cache_path(config: DataConfig, teacher_dir: str | os.PathLike, source: HFSource | ShardSource) -> Path:
+    """The cache file for this teacher, data and transform (see module docstring)."""
+    data = {k: v for k, v in asdict(config).items() if k != "cache_dir"}
+    key = {"version": CACHE_VERSION, "teacher": _teacher_signature(teacher_dir), "data": data}
+    key["source"] = source.fingerprint()
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(config.cache_dir) / f"lcm_cache-{digest}.safetensors"
+
+
+def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors`` save through a temp file in the same folder + ``os.replace`` (never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_cache(path: Path) -> tuple[dict[str, torch.Tensor], int]:
+    """Loads a cache file: ``(tensors, number of samples skipped when it was built)``."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return tensors, int(meta.get("n_skipped", 0))
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
+    """Text-encoder last hidden states ``(B, L, D)`` of padded, truncated captions (SD1.x conditioning)."""
+    ids = tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
+@torch.no_grad()
+def _encode_images(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    sf = vae.config.scaling_factor
+    return (dist.mean * sf).float().cpu(), (dist.std * sf).float().cpu()
+
+
+def build_cache(
+    config: DataConfig, source, valid: list[int], vae, text_encoder, tokenizer, batch_size: int = 16
+) -> dict[str, torch.Tensor]:
+    """Encodes the valid samples (center crop; flipped copies too with ``random_flip``) into cache tensors."""
+    ds = ImageCaptionDataset(source, valid, replace(config, random_flip=False))
+    out: dict[str, list[torch.Tensor]] = {}
+    flips = (False, True) if config.random_flip else (False,)
+    for start in range(0, len(ds), batch_size):
+        items = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
+        pixels = torch.stack([it["pixel_values"] for it in items])  # unflipped: center crop, no random flip
+        for flip in flips:
+            mean, std = _encode_images(vae, pixels.flip(-1) if flip else pixels)
+            sfx = "_flip" if flip else ""
+            out.setdefault("latent_mean" + sfx, []).append(mean)
+            out.setdefault("latent_std" + sfx, []).append(std)
+        embeds = encode_prompts(tokenizer, text_encoder, [it["caption"] for it in items])
+        out.setdefault("prompt_embeds", []).append(embeds.float().cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def cached_latents(
+    config: DataConfig, teacher_dir, source, vae, text_encoder, tokenizer
+) -> tuple[dict[str, torch.Tensor], int, Path]:
+    """Loads the cache for this teacher/data/transform, or scans + encodes the data and writes it.
+
+    In multi-process runs call it on the main process first, then on the others after a barrier (they hit).
+
+    Returns:
+        ``(tensors, number of skipped samples, cache file path)``.
+
+    Raises:
+        ValueError: the data set has no valid sample.
+    """
+    path = cache_path(config, teacher_dir, source)
+    if path.exists():
+        logger.info("using latent cache %s", path)
+        tensors, n_skipped = load_cache(path)
+        return tensors, n_skipped, path
+    valid, skipped = scan_valid(source, config.max_train_samples)
+    if not valid:
+        raise ValueError(f"the training dataset is empty: {len(source)} sample(s), {len(skipped)} unreadable")
+    tensors = build_cache(config, source, valid, vae, text_encoder, tokenizer)
+    save_atomic(tensors, path, {"n_skipped": str(len(skipped)), "version": str(CACHE_VERSION)})
+    logger.info("wrote latent cache %s (%d samples, %d skipped)", path, len(valid), len(skipped))
+    return tensors, len(skipped), path
