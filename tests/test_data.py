@@ -151,7 +151,7 @@ def test_random_transforms_repeat_per_epoch_and_index(tmp_path):
     ds, _ = build_dataset(DataConfig(train_data_dir=str(folder), resolution=16, random_flip=True), seed=3)
     a = [ds[i]["pixel_values"] for i in range(len(ds))]
     b = [ds[i]["pixel_values"] for i in range(len(ds))]
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     sampler = EpochSampler(10, seed=1)
     first = list(sampler)
     assert list(sampler) == first and sorted(first) == list(range(10))
