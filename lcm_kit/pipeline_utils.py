@@ -1,0 +1,150 @@
+"""Helpers of :class:`lcm_kit.LCMPipeline` that need no pipeline state: argument checks, batch expansion and the
+stock-diffusers save format.
+
+A folder written by ``LCMPipeline.save_pretrained`` is a plain diffusers folder: ``model_index.json`` names
+``LatentConsistencyModelPipeline`` (UNet with a guidance-scale embedding) or ``StableDiffusionPipeline`` (plain SD
+UNet, e.g. an LCM-LoRA base), and the scheduler is saved under diffusers' ``LCMScheduler`` class name. Our extra
+scheduler keys (``sigma_data``, ``gamma``) stay in ``scheduler_config.json``: diffusers keeps unknown keys as hidden
+config, and ``LCMPipeline.from_pretrained`` reads them back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_TYPES: tuple[str, ...] = ("pil", "np", "pt", "latent")
+# Keyword arguments of DiffusionPipeline.from_pretrained that locate a file, forwarded to the scheduler's load_config.
+HUB_KWARGS: tuple[str, ...] = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
+
+
+def batch_size_of(prompt: str | list[str] | None, prompt_embeds: torch.Tensor | None) -> int:
+    """Number of prompts: 1 for a string, ``len`` of a list, else the first dim of ``prompt_embeds``."""
+    if isinstance(prompt, str):
+        return 1
+    if isinstance(prompt, list):
+        return len(prompt)
+    return prompt_embeds.shape[0]
+
+
+def check_prompt_args(
+    prompt: Any, negative_prompt: Any, prompt_embeds: torch.Tensor | None, negative_prompt_embeds: torch.Tensor | None
+) -> None:
+    """Raises ``ValueError`` unless exactly one of ``prompt`` / ``prompt_embeds`` is given, with matching negatives."""
+    if (prompt is None) == (prompt_embeds is None):
+        given = "both" if prompt is not None else "neither"
+        raise ValueError(f"pass exactly one of prompt or prompt_embeds, got {given} (prompt={prompt!r})")
+    if prompt is not None and not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt)):
+        raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+    if negative_prompt is not None and negative_prompt_embeds is not None:
+        raise ValueError(f"pass at most one of negative_prompt or negative_prompt_embeds, got {negative_prompt!r} too")
+    if prompt_embeds is not None and negative_prompt_embeds is not None:
+        if prompt_embeds.shape != negative_prompt_embeds.shape:
+            raise ValueError(
+                f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
+                f"{tuple(negative_prompt_embeds.shape)} must have the same shape"
+            )
+
+
+def check_sampling_args(
+    *,
+    height: int,
+    width: int,
+    vae_scale_factor: int,
+    num_inference_steps: int,
+    timesteps: Sequence[int] | None,
+    image: Any,
+    strength: float | None,
+    num_images_per_prompt: int,
+    generator: torch.Generator | list[torch.Generator] | None,
+    batch_size: int,
+    output_type: str,
+    callback_inputs: Sequence[str],
+    allowed_callback_inputs: Sequence[str],
+) -> None:
+    """Raises ``ValueError`` naming the offending value for every bad sampling argument of ``LCMPipeline``."""
+    if height % vae_scale_factor or width % vae_scale_factor:
+        raise ValueError(f"height and width must be multiples of {vae_scale_factor}, got {height} x {width}")
+    if timesteps is None and num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    if strength is not None and not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if strength is not None and image is None:
+        raise ValueError(f"strength={strength} needs an image (image-to-image); got image=None")
+    if num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+    total = batch_size * num_images_per_prompt
+    if isinstance(generator, list) and len(generator) != total:
+        raise ValueError(
+            f"got a list of {len(generator)} generators for {batch_size} prompt(s) x {num_images_per_prompt} "
+            f"image(s) per prompt = {total} images"
+        )
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+    unknown = [k for k in callback_inputs if k not in allowed_callback_inputs]
+    if unknown:
+        raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not in {list(allowed_callback_inputs)}")
+
+
+def expand_batch(x: torch.Tensor, batch_size: int, num_images_per_prompt: int) -> torch.Tensor:
+    """Expands ``(n, ...)`` to ``(batch_size * num_images_per_prompt, ...)`` in prompt order.
+
+    ``n`` may be 1 (one image for all prompts), ``batch_size`` (one per prompt: each repeated
+    ``num_images_per_prompt`` times, like the prompt embeddings) or already the full batch.
+    """
+    total = batch_size * num_images_per_prompt
+    if x.shape[0] == total:
+        return x
+    if x.shape[0] == 1:
+        return x.expand(total, *x.shape[1:]).contiguous()
+    if x.shape[0] == batch_size:
+        return x.repeat_interleave(num_images_per_prompt, dim=0)
+    raise ValueError(
+        f"got {x.shape[0]} images for {batch_size} prompt(s) x {num_images_per_prompt} image(s) per prompt; "
+        f"pass 1, {batch_size} or {total} images"
+    )
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_stock_diffusers_index(save_directory: str | os.PathLike, has_w_embedding: bool) -> None:
+    """Rewrites the class names of a saved ``LCMPipeline`` folder so stock diffusers loads it without lcm_kit.
+
+    ``model_index.json`` gets ``_class_name`` ``LatentConsistencyModelPipeline`` (if ``has_w_embedding``) or
+    ``StableDiffusionPipeline``, and ``["diffusers", "LCMScheduler"]`` for the scheduler; the scheduler config's
+    ``_class_name`` becomes ``LCMScheduler``. All other keys are kept.
+    """
+    root = Path(save_directory)
+    index_path, sched_path = root / "model_index.json", root / "scheduler" / "scheduler_config.json"
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    index["_class_name"] = "LatentConsistencyModelPipeline" if has_w_embedding else "StableDiffusionPipeline"
+    index["scheduler"] = ["diffusers", "LCMScheduler"]
+    _write_json_atomic(index_path, index)
+    sched = json.loads(sched_path.read_text(encoding="utf-8"))
+    if sched.get("sigma_data", 0.5) != 0.5 or sched.get("gamma", 0.0) != 0.0:
+        logger.warning(
+            "scheduler has sigma_data=%s, gamma=%s: stock diffusers' LCMScheduler ignores these keys (only "
+            "LCMPipeline.from_pretrained uses them)",
+            sched.get("sigma_data"),
+            sched.get("gamma"),
+        )
+    sched["_class_name"] = "LCMScheduler"
+    _write_json_atomic(sched_path, sched)
