@@ -243,7 +243,7 @@ def consistency_distillation_loss(
 
     scalings = dict(sigma_data=config.sigma_data, timestep_scaling=config.timestep_scaling)
     pred_x0, _ = predict_x0_eps(student(z, t_start, w).to(dtype), z, a_start, s_start, config.prediction_type)
-    denoised = consistency_output(z, pred_x0, *boundary_scalings(t_start, **scalings))  # f_theta, LCM Eq. 9
+    denoised = consistency_output(z, pred_x0, *boundary_scalings(t_start.to(dtype), **scalings))  # f_theta, LCM Eq. 9
 
     with torch.no_grad():
         cond, uncond = teacher(z, t_start)
@@ -251,7 +251,7 @@ def consistency_distillation_loss(
         uncond_x0, uncond_eps = predict_x0_eps(uncond.to(dtype), z, a_start, s_start, config.prediction_type)
         z_prev = diffuse(cfg_combine(cond_x0, uncond_x0, w), cfg_combine(cond_eps, uncond_eps, w), a_end, s_end)
         target_x0, _ = predict_x0_eps(target(z_prev, t_end, w).to(dtype), z_prev, a_end, s_end, config.prediction_type)
-        target_denoised = consistency_output(z_prev, target_x0, *boundary_scalings(t_end, **scalings))
+        target_denoised = consistency_output(z_prev, target_x0, *boundary_scalings(t_end.to(dtype), **scalings))
 
     dist = distillation_distance(denoised, target_denoised, config.loss_type, config.huber_c)  # (B, C, H, W)
     return DistillLossOutput(
