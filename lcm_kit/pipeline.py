@@ -262,6 +262,8 @@ class LCMPipeline(
                 stacklevel=3,
             )
         do_cfg = not self.has_w_embedding and guidance_scale > 1
+        if isinstance(prompt, list) and isinstance(negative_prompt, str):  # one negative prompt for all prompts
+            negative_prompt = [negative_prompt] * len(prompt)
         lora_scale = (self._cross_attention_kwargs or {}).get("scale")
         # diffusers' SD prompt encoding (textual inversion, LoRA scale of the text encoder, clip_skip), reused as is.
         cond, uncond = StableDiffusionPipeline.encode_prompt(
