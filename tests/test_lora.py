@@ -1,0 +1,233 @@
+"""Tests of lcm_kit.lora on tiny SD UNets: trainable params, teacher_mode, stock-diffusers loading, kohya, CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from lcm_kit.lora import (
+    LCM_LORA_TARGET_MODULES,
+    add_lcm_lora,
+    lora_state_dict,
+    main,
+    make_lora_config,
+    save_lora,
+    teacher_mode,
+    to_kohya,
+)
+from lcm_kit.testing import tiny_unet_config
+
+
+def _unet(dtype=torch.float32) -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**tiny_unet_config()).to(dtype).eval()
+
+
+def _randomise_lora_b(unet, seed: int = 1, std: float = 0.05) -> None:
+    """peft initialises lora_B to zero (a no-op adapter); tests need adapters that change outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def _inputs(dtype=torch.float32):
+    gen = torch.Generator().manual_seed(2)
+    sample = torch.randn(2, 4, 8, 8, generator=gen).to(dtype)
+    context = torch.randn(2, 5, 16, generator=gen).to(dtype)
+    return sample, torch.tensor([999, 259]), context
+
+
+def _lora_names(model) -> list[str]:
+    return [n for n, _ in model.named_parameters() if "lora_" in n]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_add_lcm_lora_trains_only_fp32_lora_params(dtype):
+    unet = _unet(dtype)
+    count = add_lcm_lora(unet, rank=4)
+    trainable = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+    assert trainable and set(trainable) == set(_lora_names(unet))
+    assert count == sum(p.numel() for p in trainable.values())
+    assert all(p.dtype == torch.float32 for p in trainable.values())
+    assert all(p.dtype == dtype for n, p in unet.named_parameters() if "lora_" not in n)
+    if dtype != torch.float16:  # fp16 convolutions are not implemented on every CPU build
+        _randomise_lora_b(unet)
+        sample, t, context = _inputs(dtype)
+        unet(sample, t, context).sample.float().square().mean().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
+
+
+def test_every_target_module_name_matches_the_sd_unet():
+    unet = _unet()
+    add_lcm_lora(unet, rank=2)
+    adapted = {n.rsplit(".lora_", 1)[0] for n in _lora_names(unet)}
+    for target in LCM_LORA_TARGET_MODULES:
+        assert any(m == target or m.endswith("." + target) for m in adapted), target
+
+
+def test_teacher_mode_is_the_base_unet_and_always_restores_adapters():
+    unet = _unet()
+    base = copy.deepcopy(unet)
+    add_lcm_lora(unet, rank=4)
+    _randomise_lora_b(unet)
+    sample, t, context = _inputs()
+    with torch.no_grad():
+        expected, student = base(sample, t, context).sample, unet(sample, t, context).sample
+        assert (student - expected).abs().max() > 1e-3
+        with teacher_mode(unet) as teacher:
+            assert teacher is unet
+            torch.testing.assert_close(unet(sample, t, context).sample, expected, rtol=0, atol=0)
+            assert not any(p.requires_grad for p in unet.parameters())  # peft freezes disabled adapters
+        torch.testing.assert_close(unet(sample, t, context).sample, student, rtol=0, atol=0)
+        with pytest.raises(RuntimeError, match="boom"), teacher_mode(unet):
+            raise RuntimeError("boom")
+        torch.testing.assert_close(unet(sample, t, context).sample, student, rtol=0, atol=0)
+    assert {n for n, p in unet.named_parameters() if p.requires_grad} == set(_lora_names(unet))
+    with pytest.raises(ValueError, match="add_lcm_lora"), teacher_mode(_unet()):
+        pass
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(rank=0), "rank"),
+        (dict(rank=-4), "rank"),
+        (dict(rank=2.5), "rank"),
+        (dict(rank=True), "rank"),
+        (dict(alpha=0.0), "alpha"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(target_modules=()), "target_modules"),
+        (dict(target_modules="to_q"), "target_modules"),
+    ],
+)
+def test_make_lora_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_lora_config(**kwargs)
+
+
+def test_make_lora_config_defaults():
+    config = make_lora_config()
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (64, 64, 0.0)
+    assert set(config.target_modules) == set(LCM_LORA_TARGET_MODULES)
+    with pytest.raises(ValueError, match="rank"):
+        add_lcm_lora(_unet(), rank=0)
+
+
+def _images(pipe, unet=None) -> np.ndarray:
+    if unet is not None:
+        pipe.unet = unet
+    gen = torch.Generator().manual_seed(0)
+    return pipe("a red circle", num_inference_steps=1, generator=gen, output_type="np").images
+
+
+@pytest.fixture(scope="module")
+def saved_lora(tiny_sd_dir, tmp_path_factory):
+    """An LCM-LoRA (rank 4, alpha 8: scale 2, so a lost alpha shows) saved with kohya, one stock pipeline, and the
+    images of the base pipeline and of the pipeline with the in-memory peft UNet."""
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet").eval()
+    add_lcm_lora(unet, rank=4, alpha=8)
+    _randomise_lora_b(unet)
+    out = tmp_path_factory.mktemp("lora")
+    paths = save_lora(unet, out, kohya=True)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    base_unet, base = pipe.unet, _images(pipe)
+    with torch.no_grad():
+        peft_images = _images(pipe, unet)
+    pipe.unet = base_unet
+    return dict(unet=unet, dir=out, paths=paths, base=base, peft=peft_images, pipe=pipe)
+
+
+@pytest.fixture
+def stock_pipe(saved_lora):
+    """The stock pipeline of ``saved_lora``; LoRAs loaded in a test are unloaded after it."""
+    yield saved_lora["pipe"]
+    saved_lora["pipe"].unload_lora_weights()
+    assert not _lora_names(saved_lora["pipe"].unet)
+
+
+def test_save_lora_writes_atomic_safetensors_with_metadata(saved_lora):
+    out, paths = saved_lora["dir"], saved_lora["paths"]
+    assert [p.name for p in paths] == ["pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in paths)  # no temp files left
+    state = load_file(paths[0])
+    expected = lora_state_dict(saved_lora["unet"])
+    assert set(state) == set(expected) and all(k.startswith("unet.") and ".lora_" in k for k in state)
+    assert all(torch.equal(state[k], expected[k].cpu()) for k in state)
+    with safe_open(str(paths[0]), framework="pt") as f:
+        meta = f.metadata()
+    assert (meta["lcm_kit.rank"], float(meta["lcm_kit.alpha"])) == ("4", 8.0)
+    adapter = json.loads(meta["lora_adapter_metadata"])
+    assert (adapter["unet.r"], adapter["unet.lora_alpha"]) == (4, 8.0)
+
+
+def test_stock_diffusers_loads_every_lora_tensor_and_gives_the_peft_images(stock_pipe, saved_lora):
+    pipe = stock_pipe
+    pipe.load_lora_weights(saved_lora["dir"])
+    assert len(_lora_names(pipe.unet)) == len(load_file(saved_lora["paths"][0]))
+    images = _images(pipe)
+    assert np.abs(images - saved_lora["base"]).max() > 1e-3  # 100x the tolerance below
+    np.testing.assert_allclose(images, saved_lora["peft"], rtol=0, atol=1e-5)
+
+
+def test_kohya_file_loads_in_diffusers_to_the_same_images(stock_pipe, saved_lora):
+    kohya = load_file(saved_lora["paths"][1])
+    assert all(k.startswith("lora_unet_") for k in kohya)
+    assert {k.rsplit(".", 2)[-2] if k.endswith("weight") else "alpha" for k in kohya} == {
+        "lora_down",
+        "lora_up",
+        "alpha",
+    }
+    assert all(float(v) == 8.0 for k, v in kohya.items() if k.endswith(".alpha"))
+    pipe = stock_pipe
+    pipe.load_lora_weights(saved_lora["dir"], weight_name="pytorch_lora_weights_kohya.safetensors")
+    assert len(_lora_names(pipe.unet)) == 2 * sum(k.endswith(".alpha") for k in kohya)
+    np.testing.assert_allclose(_images(pipe), saved_lora["peft"], rtol=0, atol=1e-5)
+
+
+def test_to_kohya_keys():
+    state = {
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.lora_A.weight": torch.ones(2, 8),
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.lora_B.weight": torch.ones(8, 2),
+        "base_model.model.up_blocks.0.upsamplers.0.conv.lora_A.weight": torch.ones(2, 16, 3, 3),
+    }
+    kohya = to_kohya(state, alpha=2.0)
+    assert set(kohya) == {
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_down.weight",
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_up.weight",
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.alpha",
+        "lora_unet_up_blocks_0_upsamplers_0_conv.lora_down.weight",
+        "lora_unet_up_blocks_0_upsamplers_0_conv.alpha",
+    }
+    assert kohya["lora_unet_up_blocks_0_upsamplers_0_conv.alpha"].ndim == 0
+    with pytest.raises(ValueError, match="lora_A"):
+        to_kohya({"unet.conv_in.weight": torch.ones(1)}, alpha=1.0)
+
+
+def test_cli_to_kohya_round_trip(saved_lora, tmp_path, capsys):
+    dst = tmp_path / "kohya.safetensors"
+    assert main(["to-kohya", str(saved_lora["paths"][0]), str(dst)]) == 0
+    assert "alpha 8" in capsys.readouterr().out
+    converted, reference = load_file(dst), load_file(saved_lora["paths"][1])
+    assert set(converted) == set(reference) and all(torch.equal(converted[k], reference[k]) for k in reference)
+    with safe_open(str(dst), framework="pt") as f:
+        assert f.metadata()["lcm_kit.alpha"] == "8.0"
+
+    bare = tmp_path / "bare.safetensors"  # no metadata: alpha must be given
+    save_file(load_file(saved_lora["paths"][0]), bare)
+    with pytest.raises(SystemExit):
+        main(["to-kohya", str(bare), str(tmp_path / "x.safetensors")])
+    assert "--alpha" in capsys.readouterr().err
+    assert main(["to-kohya", str(bare), str(dst), "--alpha", "8"]) == 0
+    assert all(torch.equal(load_file(dst)[k], reference[k]) for k in reference)
+    with pytest.raises(SystemExit):  # contradicts the stored alpha
+        main(["to-kohya", str(saved_lora["paths"][0]), str(dst), "--alpha", "4"])
