@@ -197,9 +197,10 @@ def update_ema(target: torch.nn.Module, source: torch.nn.Module, decay: float) -
         t.mul_(decay).add_(s.detach().to(t.dtype), alpha=1 - decay)
 
 
-def params_digest(params: list[torch.nn.Parameter]) -> str:
-    """sha256 of the trainable parameters' bytes (to compare ranks / runs)."""
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over sorted keys and float32 bytes of a state dict (to compare ranks / runs / saved files)."""
     h = hashlib.sha256()
-    for p in params:
-        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()

@@ -26,6 +26,7 @@ from lcm_kit import train_io as io
 from lcm_kit import training as T
 from lcm_kit.cli import parse_dataclasses
 from lcm_kit.data import DataConfig
+from lcm_kit.lora import lora_state_dict
 from lcm_kit.loss import DistillLossConfig
 
 logger = logging.getLogger("distill_lora")
@@ -219,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         io.write_model_card(args.output_dir, {**resolved, "lora_alpha": args.lora_alpha}, step,
                             accelerator.num_processes)  # fmt: skip
     if args.debug_param_digest:
-        digest = T.params_digest(state["nets"].params)
+        student = accelerator.unwrap_model(state["nets"].student)
+        digest = T.state_digest(lora_state_dict(student) if args.mode == "lora" else student.state_dict())
         Path(args.output_dir, f"debug_params_rank{accelerator.process_index}.txt").write_text(digest)
     accelerator.end_training()
     return 0
@@ -227,4 +229,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -1,0 +1,222 @@
+"""train/distill_lora.py end to end on tiny SD folders: both modes, stock-diffusers loading, exact resume, NaN stop,
+bad-input errors before training, the latent cache, dry run, and a 2-process ``accelerate launch``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_data import make_image_folder
+
+from lcm_kit.cli import parse_dataclasses
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "train" / "distill_lora.py"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # One thread: on a shared 2-core machine two OpenMP threads per process are up to 40x slower for tiny convs.
+    torch.set_num_threads(1)
+    yield
+
+
+def load_script():
+    if "distill_lora" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("distill_lora", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["distill_lora"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["distill_lora"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("train_imgs") / "imgs", n=6, corrupt=1)
+
+
+def base_args(teacher, images, out, steps=2, *extra) -> list[str]:
+    return [
+        "--pretrained_teacher_model", str(teacher), "--train_data_dir", str(images), "--output_dir", str(out),
+        "--resolution", "16", "--train_batch_size", "2", "--max_train_steps", str(steps), "--lora_rank", "4",
+        "--checkpointing_steps", "2", "--validation_steps", "0", "--report_to", "none", "--learning_rate", "1e-3",
+        "--lr_warmup_steps", "0", "--seed", "1", *extra,
+    ]  # fmt: skip
+
+
+def test_lora_run_loads_in_stock_diffusers(tmp_path, tiny_sd_dir, images):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "out"
+    argv = base_args(tiny_sd_dir, images, out, 2, "--save_kohya", "--validation_steps", "2", "--report_to",
+                     "tensorboard", "--validation_prompts", "a red circle|a blue square", "--random_flip")  # fmt: skip
+    assert load_script().main(argv) == 0
+    config = json.loads((out / "training_config.json").read_text())
+    assert config["mode"] == "lora" and config["lora_rank"] == 4 and config["w_min"] == 5.0
+    assert (out / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "pytorch_lora_weights_kohya.safetensors").is_file()
+    assert "load_lora_weights" in (out / "README.md").read_text()
+    from PIL import Image
+
+    grid = Image.open(out / "validation" / "step-2.png")
+    assert grid.size == (3 * 16, 2 * 16)  # columns 1/2/4 steps, rows prompts
+    assert list((out / "logs").rglob("events.out.tfevents*"))
+
+    state = load_file(out / "pytorch_lora_weights.safetensors")
+    assert all(k.startswith("unet.") and ".lora_" in k for k in state)
+    assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)  # trained (B starts at zero)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+
+    def sample():
+        return pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images  # fmt: skip
+
+    before = sample()
+    pipe.load_lora_weights(out)
+    n_loaded = sum(1 for n, _ in pipe.unet.named_parameters() if "lora_" in n)
+    assert n_loaded == len(state)  # every tensor of the file landed in the UNet
+    assert not np.allclose(before, sample(), atol=1e-6)
+
+
+def test_full_run_loads_with_lcm_pipeline(tmp_path, tiny_sd_dir, images):
+    from lcm_kit.pipeline import LCMPipeline
+
+    out = tmp_path / "out"
+    assert load_script().main(base_args(tiny_sd_dir, images, out, 2, "--mode", "full", "--ema_decay", "0.5")) == 0
+    pipe = LCMPipeline.from_pretrained(out)
+    assert pipe.unet.config.time_cond_proj_dim == 256
+    assert pipe.unet.time_embedding.cond_proj.weight.abs().sum() > 0  # EMA target moved off the zero init
+    image = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert image.images.shape == (1, 16, 16, 3) and np.isfinite(image.images).all()
+    assert (out / "checkpoint-2" / "unet_target" / "diffusion_pytorch_model.safetensors").is_file()
+    assert "LCMPipeline.from_pretrained" in (out / "README.md").read_text()
+
+
+def test_w_student_starts_equal_to_teacher(tiny_sd_dir):
+    from diffusers import UNet2DConditionModel
+
+    from lcm_kit.training import call_unet, w_student_from
+
+    teacher = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet")
+    student = w_student_from(teacher, 256)
+    z, t, e = torch.randn(2, 4, 8, 8), torch.tensor([999, 259]), torch.randn(2, 77, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            call_unet(student, z, t, e, torch.tensor([3.0, 14.0]), 256), call_unet(teacher, z, t, e), rtol=0, atol=0
+        )
+
+
+def test_resume_is_exact(tmp_path, tiny_sd_dir, images):
+    # 6 samples, batch 2, accumulation 2: 3 micro-batches per epoch, so the resume point is mid-epoch and the run
+    # crosses epochs; random flips on.
+    main = load_script().main
+    extra = ("--gradient_accumulation_steps", "2", "--random_flip")
+    main(base_args(tiny_sd_dir, images, tmp_path / "a", 4, *extra))
+    main(base_args(tiny_sd_dir, images, tmp_path / "b", 3, *extra))
+    assert (tmp_path / "b" / "checkpoint-2").is_dir()
+    main(base_args(tiny_sd_dir, images, tmp_path / "b", 4, *extra, "--resume_from_checkpoint", "latest"))
+    a = load_file(tmp_path / "a" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "b" / "pytorch_lora_weights.safetensors")
+    mid = load_file(tmp_path / "b" / "checkpoint-2" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert max((a[k] - mid[k]).abs().max().item() for k in a) > 1e-5  # the resumed run did train
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, tiny_sd_dir, images):
+    out = tmp_path / "out"
+    with pytest.raises(FloatingPointError, match=r"non-finite loss .* at optimizer step 3.*checkpoint-2"):
+        load_script().main(base_args(tiny_sd_dir, images, out, 4, "--debug_nan_at_step", "3"))
+    assert (out / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
+    assert not (out / "pytorch_lora_weights.safetensors").exists() and not (out / "checkpoint-3").exists()
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"--pretrained_teacher_model": "/nonexistent/teacher"}, "teacher folder"),
+        ({"--caption_column": "caption"}, r"available columns: \['image', 'text'\]"),
+        ({"--train_data_dir": "EMPTY"}, "empty"),
+        ({"--lora_rank": "0"}, "lora_rank"),
+        ({"--w_min": "9", "--w_max": "3"}, "w_min"),
+        ({"--output_dir": "UNWRITABLE"}, "not writable"),
+    ],
+)
+def test_bad_input_fails_before_training(tmp_path, tiny_sd_dir, images, monkeypatch, change, match):
+    import lcm_kit.train_loop
+
+    monkeypatch.setattr(lcm_kit.train_loop, "train", lambda *a, **k: pytest.fail("training started"))
+    argv = base_args(tiny_sd_dir, images, tmp_path / "out", 2)
+    for flag, value in change.items():
+        if value == "EMPTY":
+            value = str(make_image_folder(tmp_path / "empty", n=0, corrupt=2))
+        if value == "UNWRITABLE":
+            (tmp_path / "file").write_text("x")
+            value = str(tmp_path / "file" / "out")
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    with pytest.raises(ValueError, match=match):
+        load_script().main(argv)
+
+
+def test_dry_run_and_latent_cache(tmp_path, tiny_sd_dir, images, capsys):
+    main, out = load_script().main, tmp_path / "out"
+    cache = tmp_path / "cache"
+    extra = ("--cache_dir", str(cache), "--center_crop", "--random_flip")
+    assert main(base_args(tiny_sd_dir, images, out, 2, "--dry_run", *extra)) == 0
+    plan = capsys.readouterr().out
+    assert "[plan] mode=lora" in plan and "6 samples (1 skipped)" in plan and "nothing trained" in plan
+    assert not (out / "pytorch_lora_weights.safetensors").exists() and not list(out.glob("checkpoint-*"))
+    (cache_file,) = cache.glob("lcm_cache-*.safetensors")
+    mtime = cache_file.stat().st_mtime_ns
+    assert main(base_args(tiny_sd_dir, images, out, 2, *extra)) == 0  # trains from the cache, reused unchanged
+    assert cache_file.stat().st_mtime_ns == mtime and (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_cli_helper_types_and_defaults():
+    @dataclass(frozen=True)
+    class A:
+        """Doc."""
+
+        x: int = field(default=3, metadata={"help": "an int"})
+        flag: bool = field(default=False, metadata={"help": "a flag"})
+        maybe: float | None = field(default=None, metadata={"help": "optional"})
+        kind: Literal["a", "b"] = field(default="a", metadata={"help": "choice"})
+
+    assert parse_dataclasses([A], []) == (A(),)
+    assert parse_dataclasses([A], ["--x", "5", "--flag", "--maybe", "0.5", "--kind", "b"]) == (A(5, True, 0.5, "b"),)
+    assert parse_dataclasses([A], ["--flag", "false", "--maybe", "none"]) == (A(),)
+    with pytest.raises(SystemExit):
+        parse_dataclasses([A], ["--kind", "c"])
+
+
+@pytest.mark.slow
+def test_accelerate_two_processes_agree(tmp_path, tiny_sd_dir, images):
+    out = tmp_path / "out"
+    # `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x unless an MPI hostfile is
+    # given; torchrun (`--multi_gpu`) plus ACCELERATE_USE_CPU=true gives DistributedType.MULTI_CPU with gloo.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
+           *base_args(tiny_sd_dir, images, out, 2, "--debug_param_digest")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "x 2 process(es)" in (out / "README.md").read_text()  # really two data-parallel ranks
+    d0, d1 = ((out / f"debug_params_rank{r}.txt").read_text() for r in (0, 1))
+    assert d0 == d1  # both ranks hold identical LoRA weights
+    from lcm_kit.training import state_digest
+
+    assert state_digest(load_file(out / "pytorch_lora_weights.safetensors")) == d0  # and that is what was saved
