@@ -32,20 +32,9 @@ __all__ = [
 
 # diffusers' LCM-LoRA scripts (train_lcm_distill_lora_sd*.py), all linear and conv layers of the SD UNet.
 LCM_LORA_TARGET_MODULES: tuple[str, ...] = (
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "proj_in",
-    "proj_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "conv1",
-    "conv2",
-    "conv_shortcut",
-    "downsamplers.0.conv",
-    "upsamplers.0.conv",
-    "time_emb_proj",
+    *("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"),  # transformer blocks
+    *("conv1", "conv2", "conv_shortcut", "time_emb_proj"),  # resnets
+    *("downsamplers.0.conv", "upsamplers.0.conv"),
 )
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
@@ -119,6 +108,13 @@ def add_lcm_lora(
     return sum(p.numel() for _, p in params)
 
 
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP / accelerate (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module) or hasattr(model, "_orig_mod"):
+        model = model.module if isinstance(getattr(model, "module", None), torch.nn.Module) else model._orig_mod
+    return model
+
+
 def _tuner_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -131,15 +127,16 @@ def teacher_mode(unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
     Adapters are re-enabled on exit, also when the block raises, and the LoRA parameters' ``requires_grad`` flags are
     restored (peft sets them when toggling adapters). Works for a diffusers model with ``add_adapter``, a
-    ``peft.PeftModel`` and a DDP-wrapped model (``.module``).
+    ``peft.PeftModel``, and either inside DDP / accelerate or ``torch.compile`` wrappers.
 
     Raises:
         ValueError: If the model has no adapter.
     """
-    layers = _tuner_layers(getattr(unet, "module", unet))
+    model = _unwrap(unet)
+    layers = _tuner_layers(model)
     if not layers:
         raise ValueError("teacher_mode() needs a model with LoRA adapters; call add_lcm_lora() first")
-    flags = [(p, p.requires_grad) for _, p in _lora_parameters(getattr(unet, "module", unet))]
+    flags = [(p, p.requires_grad) for _, p in _lora_parameters(model)]
     for layer in layers:
         layer.enable_adapters(False)
     try:
@@ -165,12 +162,12 @@ def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     """
     from peft import get_peft_model_state_dict
 
-    model = getattr(unet, "module", unet)
+    model = _unwrap(unet)
     return {f"unet.{_strip_prefix(k)}": v.detach() for k, v in get_peft_model_state_dict(model).items()}
 
 
 def _rank_alpha_targets(unet: torch.nn.Module) -> tuple[int, float, list[str]]:
-    model = getattr(unet, "module", unet)
+    model = _unwrap(unet)
     config = model.peft_config["default"]
     return int(config.r), float(config.lora_alpha), sorted(config.target_modules)
 
@@ -192,8 +189,12 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: d
     return path
 
 
-def _metadata(rank: int, alpha: float, target_modules: list[str] | None = None) -> dict[str, str]:
-    meta = {"format": "pt", "lcm_kit.rank": str(rank), "lcm_kit.alpha": repr(float(alpha))}
+def _metadata(rank: int | None, alpha: float, target_modules: list[str] | None = None) -> dict[str, str]:
+    """safetensors metadata: ``lcm_kit.rank`` / ``lcm_kit.alpha``, and diffusers' ``lora_adapter_metadata`` (the
+    LoraConfig kwargs ``load_lora_weights`` uses instead of guessing, so an alpha != rank survives)."""
+    meta = {"format": "pt", "lcm_kit.alpha": repr(float(alpha))}
+    if rank is not None:
+        meta["lcm_kit.rank"] = str(rank)
     if target_modules is not None:
         adapter = {"unet.r": rank, "unet.lora_alpha": alpha, "unet.target_modules": target_modules}
         meta[_DIFFUSERS_METADATA_KEY] = json.dumps(adapter, sort_keys=True)
@@ -246,6 +247,8 @@ def to_kohya(state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, tor
         module, sep, kind = _strip_prefix(key).rpartition(".lora_")
         if not sep or kind not in ("A.weight", "B.weight"):
             raise ValueError(f"not a peft LoRA key (…lora_A.weight / …lora_B.weight): {key!r}")
+        if module.startswith(("text_encoder", "lora_unet_", "lora_te")):
+            raise ValueError(f"only UNet LoRA keys in peft format can be converted, got {key!r}")
         name = "lora_unet_" + module.replace(".", "_")
         out[f"{name}.{'lora_down' if kind == 'A.weight' else 'lora_up'}.weight"] = value
         out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=value.dtype)
@@ -266,27 +269,29 @@ def _convert_file(src: Path, dst: Path, alpha: float | None) -> float:
 
     with safe_open(str(src), framework="pt") as f:
         stored = _read_alpha(f.metadata())
-        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        state = {k: f.get_tensor(k) for k in f.keys()}
     if stored is not None and alpha is not None and stored != alpha:
         raise ValueError(f"--alpha {alpha} differs from the alpha {stored} stored in {src}")
     alpha = stored if stored is not None else alpha
     if alpha is None:
         raise ValueError(f"{src} stores no LoRA alpha in its metadata; pass --alpha")
     ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
-    rank = ranks.pop() if len(ranks) == 1 else -1
+    rank = ranks.pop() if len(ranks) == 1 else None
     _write_safetensors(to_kohya(state, alpha), dst, _metadata(rank, alpha))
     return alpha
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: ``python -m lcm_kit.lora to-kohya IN.safetensors OUT.safetensors [--alpha A]``."""
-    parser = argparse.ArgumentParser(prog="python -m lcm_kit.lora", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lcm_kit.lora", description="LCM-LoRA file tools.")
     sub = parser.add_subparsers(dest="command", required=True)
     conv = sub.add_parser("to-kohya", help="convert a diffusers/peft-format LoRA file to kohya-ss keys")
     conv.add_argument("src", type=Path, help="input .safetensors (peft keys, optional unet. prefix)")
     conv.add_argument("dst", type=Path, help="output .safetensors (lora_unet_* keys)")
     conv.add_argument("--alpha", type=float, default=None, help="LoRA alpha, if the input's metadata has none")
     args = parser.parse_args(argv)
+    if not args.src.is_file():
+        parser.error(f"no such file: {args.src}")
     try:
         alpha = _convert_file(args.src, args.dst, args.alpha)
     except ValueError as e:

@@ -13,6 +13,7 @@ code (their ``--w_min`` help text claims the Imagen convention; the code does no
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -78,7 +79,9 @@ class DistillLossConfig:
     )
 
     def __post_init__(self):
-        if not isinstance(self.num_ddim_timesteps, int) or self.num_ddim_timesteps < 1:
+        if isinstance(self.num_ddim_timesteps, bool) or not isinstance(self.num_ddim_timesteps, numbers.Integral):
+            raise ValueError(f"num_ddim_timesteps must be an int, got {self.num_ddim_timesteps!r}")
+        if self.num_ddim_timesteps < 1:
             raise ValueError(f"num_ddim_timesteps must be an int >= 1, got {self.num_ddim_timesteps!r}")
         if self.w_min < 0:
             raise ValueError(f"w_min must be >= 0 (LCM convention, w = guidance_scale - 1), got {self.w_min}")
@@ -172,11 +175,11 @@ def _draws(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draws (in this order) ``index ~ U{0..N-1}``, ``w ~ U[w_min, w_max]``, ``noise ~ N(0, I)`` unless given.
 
-    Draws happen on the generator's device (CPU by default) and move to ``latents.device``, so a seed gives the same
-    batch on any device.
+    With a ``generator`` the draws happen on its device and move to ``latents.device`` (a CPU generator gives the same
+    batch on any device); without one they use the global RNG of ``latents.device``.
     """
     bsz, device, dtype = latents.shape[0], latents.device, latents.dtype
-    gen_device = generator.device if generator is not None else torch.device("cpu")
+    gen_device = generator.device if generator is not None else device
     if index is None:
         index = torch.randint(0, config.num_ddim_timesteps, (bsz,), generator=generator, device=gen_device)
     if w is None:
@@ -184,7 +187,7 @@ def _draws(
         w = config.w_min + (config.w_max - config.w_min) * u
     if noise is None:
         noise = torch.randn(latents.shape, generator=generator, device=gen_device, dtype=torch.float32)
-    index, w, noise = index.to(device=device, dtype=torch.long), w.to(device=device), noise.to(device, dtype)
+    index, w, noise = index.to(device=device, dtype=torch.long), w.to(device, dtype), noise.to(device, dtype)
     if index.shape != (bsz,) or w.shape != (bsz,) or noise.shape != latents.shape:
         raise ValueError(
             f"expected index and w of shape ({bsz},) and noise of shape {tuple(latents.shape)}, got "

@@ -96,6 +96,21 @@ def test_teacher_mode_is_the_base_unet_and_always_restores_adapters():
         pass
 
 
+def test_teacher_mode_sees_through_ddp_and_compile_wrappers():
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    unet = _unet()
+    add_lcm_lora(unet, rank=2)
+    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    ddp_like = torch.nn.Module()
+    ddp_like.module = unet
+    compiled_like = torch.nn.Module()
+    compiled_like._orig_mod = ddp_like
+    with teacher_mode(compiled_like) as teacher:
+        assert teacher is compiled_like and all(layer.disable_adapters for layer in layers)
+    assert not any(layer.disable_adapters for layer in layers)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -211,6 +226,8 @@ def test_to_kohya_keys():
     assert kohya["lora_unet_up_blocks_0_upsamplers_0_conv.alpha"].ndim == 0
     with pytest.raises(ValueError, match="lora_A"):
         to_kohya({"unet.conv_in.weight": torch.ones(1)}, alpha=1.0)
+    with pytest.raises(ValueError, match="UNet"):
+        to_kohya({"text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_A.weight": torch.ones(1)}, alpha=1.0)
 
 
 def test_cli_to_kohya_round_trip(saved_lora, tmp_path, capsys):
@@ -228,6 +245,7 @@ def test_cli_to_kohya_round_trip(saved_lora, tmp_path, capsys):
         main(["to-kohya", str(bare), str(tmp_path / "x.safetensors")])
     assert "--alpha" in capsys.readouterr().err
     assert main(["to-kohya", str(bare), str(dst), "--alpha", "8"]) == 0
-    assert all(torch.equal(load_file(dst)[k], reference[k]) for k in reference)
+    converted = load_file(dst)
+    assert all(torch.equal(converted[k], reference[k]) for k in reference)
     with pytest.raises(SystemExit):  # contradicts the stored alpha
         main(["to-kohya", str(saved_lora["paths"][0]), str(dst), "--alpha", "4"])
