@@ -111,6 +111,19 @@ def test_teacher_mode_sees_through_ddp_and_compile_wrappers():
     assert not any(layer.disable_adapters for layer in layers)
 
 
+def test_peft_model_wrapper_gives_the_same_keys():
+    """A ``get_peft_model`` UNet (``base_model.model.`` keys, as in diffusers' LCM scripts) saves the same keys."""
+    from peft import get_peft_model
+
+    ours = _unet()
+    add_lcm_lora(ours, rank=2)
+    wrapped = get_peft_model(_unet(), make_lora_config(rank=2))
+    assert set(lora_state_dict(wrapped)) == set(lora_state_dict(ours))
+    with teacher_mode(wrapped):
+        assert not any(p.requires_grad for p in wrapped.parameters())
+    assert {n for n, p in wrapped.named_parameters() if p.requires_grad} == set(_lora_names(wrapped))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

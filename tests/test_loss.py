@@ -74,6 +74,26 @@ def test_gradients_reach_only_the_student_and_teacher_target_run_without_grad():
     assert not out.target.requires_grad and not out.denoised.requires_grad
 
 
+def test_target_may_be_the_student_itself():
+    """LCM-LoRA uses the online student as target (no EMA): the target call must add nothing to the gradient."""
+    import copy
+
+    shared, frozen = Toys(), Toys()
+    frozen.target_net = copy.deepcopy(shared.student_net).requires_grad_(False)
+    shared.target = lambda z, t, w: (
+        shared.student_net(z) * (1 + 0.01 * w[:, None, None, None]) + 1e-4 * t[:, None, None, None]
+    )
+    frozen.target = lambda z, t, w: (
+        frozen.target_net(z) * (1 + 0.01 * w[:, None, None, None]) + 1e-4 * t[:, None, None, None]
+    )
+    frozen.student_net.load_state_dict(shared.student_net.state_dict())
+    a, b = _run(shared, DistillLossConfig()), _run(frozen, DistillLossConfig())
+    a.loss.backward()
+    b.loss.backward()
+    torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=0)
+    torch.testing.assert_close(shared.student_net.weight.grad, frozen.student_net.weight.grad, rtol=0, atol=0)
+
+
 def test_distances_closed_form():
     a = torch.tensor([0.0, 3e-3, -2.0])
     b = torch.tensor([0.0, -1e-3, 1.0])
