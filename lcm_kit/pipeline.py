@@ -22,7 +22,6 @@ from diffusers.loaders import FromSingleFileMixin, StableDiffusionLoraLoaderMixi
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput, StableDiffusionSafetyChecker
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
@@ -282,24 +281,10 @@ class LCMPipeline(
             noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
             return noise * self.scheduler.init_noise_sigma
         batch_size = total // num_images_per_prompt
-        x0 = self._image_latents(image, batch_size, num_images_per_prompt, height, width, generator)
+        pixels = self.image_processor.preprocess(image, height=height, width=width).to(device, self.vae.dtype)
+        x0 = U.encode_images(self.vae, pixels, batch_size, num_images_per_prompt, generator).to(dtype)
         noise = randn_tensor(x0.shape, generator=generator, device=device, dtype=dtype)
         return self.scheduler.add_noise(x0, noise, self.scheduler.timesteps[:1])
-
-    def _image_latents(self, image, batch_size, num_images_per_prompt, height, width, generator) -> torch.Tensor:
-        """Scaled VAE latents of the init image(s), ``(batch_size * num_images_per_prompt, C, h, w)``."""
-        device, dtype = self._execution_device, self.vae.dtype
-        pixels = self.image_processor.preprocess(image, height=height, width=width).to(device=device, dtype=dtype)
-        if pixels.shape[1] == self.vae.config.latent_channels:  # already latents, as diffusers accepts
-            return U.expand_batch(pixels, batch_size, num_images_per_prompt)
-        if isinstance(generator, list):  # one VAE sample per output image, each from its own generator
-            pixels = U.expand_batch(pixels, batch_size, num_images_per_prompt)
-            pairs = zip(pixels, generator, strict=True)
-            x0 = torch.cat([retrieve_latents(self.vae.encode(p[None]), generator=g) for p, g in pairs])
-        else:
-            x0 = U.expand_batch(retrieve_latents(self.vae.encode(pixels), generator=generator), batch_size,
-                                num_images_per_prompt)  # fmt: skip
-        return x0 * self.vae.config.scaling_factor
 
     def _w_embedding(self, guidance_scale: float, total: int, device, dtype) -> torch.Tensor | None:
         """``(total, time_cond_proj_dim)`` embedding of ``w = guidance_scale - 1``, or ``None`` for a plain UNet."""

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import AutoencoderKL
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +114,30 @@ def expand_batch(x: torch.Tensor, batch_size: int, num_images_per_prompt: int) -
         f"got {x.shape[0]} images for {batch_size} prompt(s) x {num_images_per_prompt} image(s) per prompt; "
         f"pass 1, {batch_size} or {total} images"
     )
+
+
+def encode_images(
+    vae: AutoencoderKL,
+    pixels: torch.Tensor,
+    batch_size: int,
+    num_images_per_prompt: int,
+    generator: torch.Generator | list[torch.Generator] | None,
+) -> torch.Tensor:
+    """Scaled VAE latent samples of init images, ``(batch_size * num_images_per_prompt, C, h, w)``.
+
+    ``pixels`` is ``(n, 3, H, W)`` in [-1, 1] (or already latents, ``(n, C, h, w)``, returned expanded). A single
+    generator draws the posterior samples of the ``n`` images at once (then the batch is expanded, as diffusers'
+    LCM img2img does); a list draws one sample per output image from its own generator.
+    """
+    if pixels.shape[1] == vae.config.latent_channels:
+        return expand_batch(pixels, batch_size, num_images_per_prompt)
+    if isinstance(generator, list):
+        pixels = expand_batch(pixels, batch_size, num_images_per_prompt)
+        pairs = zip(pixels, generator, strict=True)
+        x0 = torch.cat([retrieve_latents(vae.encode(p[None]), generator=g) for p, g in pairs])
+    else:
+        x0 = expand_batch(retrieve_latents(vae.encode(pixels), generator=generator), batch_size, num_images_per_prompt)
+    return x0 * vae.config.scaling_factor
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:

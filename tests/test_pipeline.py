@@ -155,6 +155,30 @@ def test_img2img_strength_half_runs_all_steps_on_cut_grid(lcm_pipe, init_image):
     assert seen == [499, 379, 259, 139]  # LCM grid 1000 // 50: [19, ..., 999] cut at 25 points, every 6th
 
 
+def test_image_input_types_agree(lcm_pipe, init_image):
+    array = np.asarray(init_image, dtype=np.float32)[None] / 255  # (1, H, W, 3) in [0, 1]
+    tensor = torch.from_numpy(array).permute(0, 3, 1, 2) * 2 - 1  # (1, 3, H, W) in [-1, 1]
+    kwargs = dict(prompt="a cat", strength=0.6, num_inference_steps=2)
+    expected = _run(lcm_pipe, image=init_image, **kwargs)
+    for image in (array, tensor):
+        np.testing.assert_allclose(_run(lcm_pipe, image=image, **kwargs), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("generators", [False, True], ids=["one_generator", "generator_list"])
+@pytest.mark.parametrize("img2img", [False, True], ids=["text2img", "img2img"])
+def test_batches_and_generators_match_diffusers(lcm_pipe, init_image, generators, img2img):
+    cls = LatentConsistencyModelImg2ImgPipeline if img2img else LatentConsistencyModelPipeline
+    extra = dict(image=init_image, strength=0.7) if img2img else {}
+    kwargs = dict(prompt="a cat", num_images_per_prompt=2, num_inference_steps=2, output_type="np", **extra)
+
+    def gen():
+        return [torch.Generator().manual_seed(s) for s in (3, 4)] if generators else torch.Generator().manual_seed(3)
+
+    mine, theirs = lcm_pipe(generator=gen(), **kwargs).images, _reference(cls, lcm_pipe)(generator=gen(), **kwargs)
+    np.testing.assert_allclose(mine, theirs.images, atol=ATOL)
+    assert not np.allclose(mine[0], mine[1], atol=ATOL)
+
+
 # ---- UNet passes ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "which, kwargs, batch",
@@ -204,6 +228,7 @@ def test_lora_load_and_fuse(tiny_sd_dir, tmp_path):
     pipe.load_lora_weights(tmp_path)
     lora = _run(pipe, **kwargs)
     assert np.abs(lora - base).max() > 1e-2
+    np.testing.assert_allclose(_run(pipe, cross_attention_kwargs={"scale": 0.0}, **kwargs), base, atol=ATOL)
     np.testing.assert_allclose(lora, _run(adapted, **kwargs), atol=ATOL)  # every LoRA tensor was loaded
     pipe.fuse_lora()
     np.testing.assert_allclose(_run(pipe, **kwargs), lora, atol=ATOL)
