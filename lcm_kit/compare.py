@@ -1,0 +1,148 @@
+"""Side-by-side comparison of a teacher's own samplers and its LCM students, from the same initial noise.
+
+Used by the README's main job (``examples/distill_emoji.py``) and by ``bench/quality.py``. For every method it
+records the final latents, the decoded images and the wall time, then reports:
+
+* teacher agreement -- latent MSE and pixel PSNR against the teacher's DDIM-50 solution with CFG from the same
+  initial noise (the PF-ODE solution that consistency distillation learns to jump to);
+* a distribution metric -- FID / KID in the features of the in-project emoji network (:mod:`lcm_kit.eval`),
+  against held-out real images ("FID-emoji", a stand-in for Inception-FID whose weights cannot be downloaded here).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+from PIL import Image, ImageDraw
+
+from .eval import feature_fid_kid, latent_mse, pixel_psnr
+from .pipeline import LCMPipeline
+
+
+@dataclass
+class MethodResult:
+    """One sampler's output on the prompt set.
+
+    Attributes:
+        name: Row label, e.g. ``"teacher DDIM"`` or ``"LCM-LoRA"``.
+        steps: Sampling steps.
+        unet_evals: UNet evaluations per image (CFG counts two).
+        latents: Final latents ``(N, 4, h, w)`` (what the VAE decodes, before the scaling factor is undone).
+        images: Decoded images ``(N, 3, H, W)`` in ``[0, 1]``.
+        seconds_per_image: Wall time of sampling the whole batch (to latents) divided by ``N``.
+        metrics: Filled by :func:`score`.
+    """
+
+    name: str
+    steps: int
+    unet_evals: int
+    latents: torch.Tensor
+    images: torch.Tensor
+    seconds_per_image: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def initial_noise(n: int, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
+    """``(n, *shape)`` standard normal latents, example ``i`` drawn from ``seed + i`` (independent of ``n``)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)])
+
+
+def _timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+@torch.no_grad()
+def _decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+    return (images / 2 + 0.5).clamp(0, 1).float()
+
+
+def run_teacher(
+    pipe: StableDiffusionPipeline,
+    prompts: Sequence[str],
+    noise: torch.Tensor,
+    solver: str,
+    steps: int,
+    guidance_scale: float,
+    seed: int = 0,
+) -> MethodResult:
+    """The teacher with ``"ddim"`` (eta 0) or ``"dpmpp"`` (DPM-Solver++ 2M) and classic CFG."""
+    classes = {"ddim": DDIMScheduler, "dpmpp": DPMSolverMultistepScheduler}
+    if solver not in classes:
+        raise ValueError(f"solver must be one of {sorted(classes)}, got {solver!r}")
+    pipe.scheduler = classes[solver].from_config(pipe.scheduler.config)
+
+    def sample() -> torch.Tensor:
+        return pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale, latents=noise.clone(),
+                    generator=torch.Generator().manual_seed(seed), output_type="latent").images  # fmt: skip
+
+    latents, seconds = _timed(sample)
+    images = _decode(pipe.vae, latents)
+    evals = steps * (2 if guidance_scale > 1 else 1)
+    label = {"ddim": "teacher DDIM", "dpmpp": "teacher DPM-Solver++"}[solver]
+    return MethodResult(label, steps, evals, latents, images, seconds / len(prompts))
+
+
+def run_lcm(
+    pipe: LCMPipeline, name: str, prompts: Sequence[str], noise: torch.Tensor, steps: int, guidance_scale: float,
+    seed: int = 0,
+) -> MethodResult:  # fmt: skip
+    """An LCM student (LoRA on the teacher UNet, or a full LCM UNet) with :class:`LCMPipeline`."""
+
+    def sample() -> torch.Tensor:
+        return pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale, latents=noise.clone(),
+                    generator=torch.Generator().manual_seed(seed), output_type="latent").images  # fmt: skip
+
+    latents, seconds = _timed(sample)
+    evals = steps * (2 if (not pipe.has_w_embedding and guidance_scale > 1) else 1)
+    return MethodResult(name, steps, evals, latents, _decode(pipe.vae, latents), seconds / len(prompts))
+
+
+def score(results: list[MethodResult], reference: MethodResult, real_images: torch.Tensor, feature_net) -> None:
+    """Fills ``metrics`` of every result: agreement with ``reference`` and FID/KID-emoji against ``real_images``."""
+    for r in results:
+        r.metrics["latent_mse"] = latent_mse(r.latents, reference.latents)
+        r.metrics["psnr_db"] = pixel_psnr(r.images, reference.images)
+        r.metrics.update(feature_fid_kid(real_images, r.images, feature_net))
+        r.metrics["speedup"] = reference.seconds_per_image / r.seconds_per_image
+
+
+def format_table(results: list[MethodResult], reference_name: str) -> str:
+    """A Markdown table of the results (metrics filled by :func:`score`)."""
+    head = (
+        f"| method | steps | UNet evals | latent MSE vs {reference_name} | PSNR dB vs {reference_name} | "
+        "FID-emoji | KID-emoji | time/image | speed-up |"
+    )
+    lines = [head, "|" + "---|" * 9]
+    for r in results:
+        m = r.metrics
+        psnr = "ref" if m["latent_mse"] == 0 else f"{m['psnr_db']:.1f}"
+        lines.append(
+            f"| {r.name} | {r.steps} | {r.unet_evals} | {m['latent_mse']:.4f} | {psnr} | {m['fid_emoji']:.2f} | "
+            f"{m['kid_emoji']:.4f} | {r.seconds_per_image * 1000:.1f} ms | {m['speedup']:.1f}x |"
+        )
+    return "\n".join(lines)
+
+
+def comparison_grid(results: list[MethodResult], prompts: Sequence[str], n: int = 8, scale: int = 3) -> Image.Image:
+    """A PNG-ready grid: one row per method, one column per prompt (first ``n``), labels on the left."""
+    n = min(n, len(prompts))
+    side = results[0].images.shape[-1] * scale
+    label_w = 190
+    grid = Image.new("RGB", (label_w + n * side, len(results) * side + 14), "white")
+    draw = ImageDraw.Draw(grid)
+    for col in range(n):
+        draw.text((label_w + col * side + 2, 1), prompts[col][: side // 6], fill="black")
+    for row, r in enumerate(results):
+        draw.text((4, 14 + row * side + side // 2 - 6), f"{r.name} {r.steps}", fill="black")
+        for col in range(n):
+            arr = (r.images[col].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+            tile = Image.fromarray(arr).resize((side, side), Image.NEAREST)
+            grid.paste(tile, (label_w + col * side, 14 + row * side))
+    return grid
