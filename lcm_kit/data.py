@@ -24,13 +24,10 @@ text-encoder hidden states of each caption, so training draws a fresh latent sam
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
-import json
 import logging
 import os
-import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +37,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-logger = logging.getLogger(__name__)
+from .shards import ShardSource, expand_shards
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -114,81 +111,6 @@ class HFSource:
         if isinstance(caption, (list, tuple)):  # several captions per image: the first, deterministically
             caption = caption[0] if caption else ""
         return row[self.image_column], str(caption)
-
-
-class ShardSource:
-    """Webdataset tar shards indexed by member offsets (see module docstring)."""
-
-    def __init__(self, shards: Sequence[str], caption_column: str):
-        self.shards, self.caption_column = list(shards), caption_column
-        self.samples: list[dict[str, tuple[int, int, int]]] = []  # ext -> (shard index, offset, size)
-        for si, path in enumerate(self.shards):
-            groups: dict[str, dict[str, tuple[int, int, int]]] = {}
-            with tarfile.open(path, "r:") as tar:
-                for m in tar.getmembers():
-                    if not m.isfile():
-                        continue
-                    if "." not in os.path.basename(m.name):
-                        continue
-                    key, ext = _split_key(m.name)
-                    groups.setdefault(key, {})[ext.lower()] = (si, m.offset_data, m.size)
-            self.samples.extend(groups.values())
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def fingerprint(self) -> str:
-        return json.dumps([(p, os.path.getsize(p), os.path.getmtime(p)) for p in self.shards])
-
-    def _read(self, loc: tuple[int, int, int]) -> bytes:
-        si, offset, size = loc
-        with open(self.shards[si], "rb") as f:
-            f.seek(offset)
-            return f.read(size)
-
-    def raw(self, i: int) -> tuple[Any, str | None]:
-        sample = self.samples[int(i)]
-        img_ext = next((e for e in IMAGE_EXTS if e in sample), None)
-        image = {"bytes": self._read(sample[img_ext]), "path": None} if img_ext else None
-        if "txt" in sample:
-            return image, self._read(sample["txt"]).decode("utf-8").strip()
-        if "json" in sample:
-            meta = json.loads(self._read(sample["json"]))
-            if self.caption_column in meta:
-                return image, str(meta[self.caption_column])
-        return image, None
-
-    def check_columns(self) -> None:
-        """Raises ``ValueError`` naming the members found when the first sample has no image or no caption."""
-        if not self.samples:
-            return
-        image, caption = self.raw(0)
-        if image is None or caption is None:
-            found = sorted(self.samples[0])
-            if "json" in self.samples[0]:
-                found += [f"json.{k}" for k in json.loads(self._read(self.samples[0]["json"]))]
-            raise ValueError(
-                f"shard samples need an image ({'/'.join(IMAGE_EXTS)}) and a caption (.txt or json key "
-                f"{self.caption_column!r}); available columns in the first sample: {found}"
-            )
-
-
-def _split_key(name: str) -> tuple[str, str]:
-    """Webdataset convention: ``dir/abc.seg.jpg`` -> key ``dir/abc``, extension ``seg.jpg``."""
-    folder, _, base = name.rpartition("/")
-    key, ext = base.split(".", 1)
-    return f"{folder}/{key}" if folder else key, ext
-
-
-def expand_shards(spec: str) -> list[str]:
-    """Comma-separated paths or globs -> sorted, de-duplicated list of existing files (``ValueError`` if none)."""
-    paths: list[str] = []
-    for part in (p.strip() for p in spec.split(",") if p.strip()):
-        matches = sorted(glob.glob(part))
-        if not matches:
-            raise ValueError(f"train_shards entry {part!r} matches no file")
-        paths.extend(m for m in matches if m not in paths)
-    return paths
 
 
 def open_source(config: DataConfig) -> HFSource | ShardSource:

@@ -160,7 +160,7 @@ def build_data(args: TrainArgs, data_cfg: DataConfig, teacher: T.Teacher, accele
     return loader, len(ds), skipped
 
 
-def make_optimizer(args: TrainArgs, params: list, num_processes: int):
+def make_optimizer(args: TrainArgs, params: list):
     """AdamW (or 8-bit AdamW) and the LR schedule, stepped once per optimizer step."""
     from diffusers.optimization import get_scheduler
 
@@ -180,14 +180,17 @@ def make_optimizer(args: TrainArgs, params: list, num_processes: int):
 def setup(args, data_cfg, loss_cfg, accelerator):
     """Teacher, networks, data, optimizer, accelerate preparation, hooks: everything before the loop."""
     weight_dtype = T.weight_dtype_for(accelerator.mixed_precision)
-    teacher = T.load_teacher(args.pretrained_teacher_model, accelerator.device, weight_dtype)
+    try:
+        teacher = T.load_teacher(args.pretrained_teacher_model, accelerator.device, weight_dtype)
+    except OSError as err:  # missing files / unknown hub id: a user error, reported before any training
+        raise ValueError(f"cannot load the teacher {args.pretrained_teacher_model!r}: {err}") from err
     loss_cfg = replace(loss_cfg, prediction_type=teacher.prediction_type)
     loader, n_data, skipped = build_data(args, data_cfg, teacher, accelerator)
     nets = T.build_networks(args.mode, teacher, weight_dtype, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                             lora_dropout=args.lora_dropout, time_cond_proj_dim=args.time_cond_proj_dim)  # fmt: skip
     if args.gradient_checkpointing:
         nets.student.enable_gradient_checkpointing()
-    opt, sched = make_optimizer(args, nets.params, accelerator.num_processes)
+    opt, sched = make_optimizer(args, nets.params)
     nets.student, opt, loader, sched = accelerator.prepare(nets.student, opt, loader, sched)
     io.register_hooks(accelerator, nets)
     uncond = T.encode_prompts(teacher.tokenizer, teacher.text_encoder, [""])

@@ -1,0 +1,93 @@
+"""Webdataset tar shards as a random-access source: tar headers indexed once, members read by offset.
+
+A sample is the members that share a key (webdataset convention: ``dir/abc.seg.jpg`` -> key ``dir/abc``, extension
+``seg.jpg``); the image is its ``.jpg/.jpeg/.png/.webp`` member, the caption its ``.txt`` member, else
+``json[caption_column]``. Nothing is decoded while indexing, and any order of access is cheap, so the sampler
+shuffles and resume is exact (no shard resampling as in streaming webdataset pipelines).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tarfile
+from collections.abc import Sequence
+from typing import Any
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class ShardSource:
+    """Webdataset tar shards indexed by member offsets (see module docstring)."""
+
+    def __init__(self, shards: Sequence[str], caption_column: str):
+        self.shards, self.caption_column = list(shards), caption_column
+        self.samples: list[dict[str, tuple[int, int, int]]] = []  # ext -> (shard index, offset, size)
+        for si, path in enumerate(self.shards):
+            groups: dict[str, dict[str, tuple[int, int, int]]] = {}
+            with tarfile.open(path, "r:") as tar:
+                for m in tar.getmembers():
+                    if not m.isfile():
+                        continue
+                    if "." not in os.path.basename(m.name):
+                        continue
+                    key, ext = _split_key(m.name)
+                    groups.setdefault(key, {})[ext.lower()] = (si, m.offset_data, m.size)
+            self.samples.extend(groups.values())
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def fingerprint(self) -> str:
+        return json.dumps([(p, os.path.getsize(p), os.path.getmtime(p)) for p in self.shards])
+
+    def _read(self, loc: tuple[int, int, int]) -> bytes:
+        si, offset, size = loc
+        with open(self.shards[si], "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+
+    def raw(self, i: int) -> tuple[Any, str | None]:
+        sample = self.samples[int(i)]
+        img_ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        image = {"bytes": self._read(sample[img_ext]), "path": None} if img_ext else None
+        if "txt" in sample:
+            return image, self._read(sample["txt"]).decode("utf-8").strip()
+        if "json" in sample:
+            meta = json.loads(self._read(sample["json"]))
+            if self.caption_column in meta:
+                return image, str(meta[self.caption_column])
+        return image, None
+
+    def check_columns(self) -> None:
+        """Raises ``ValueError`` naming the members found when the first sample has no image or no caption."""
+        if not self.samples:
+            return
+        image, caption = self.raw(0)
+        if image is None or caption is None:
+            found = sorted(self.samples[0])
+            if "json" in self.samples[0]:
+                found += [f"json.{k}" for k in json.loads(self._read(self.samples[0]["json"]))]
+            raise ValueError(
+                f"shard samples need an image ({'/'.join(IMAGE_EXTS)}) and a caption (.txt or json key "
+                f"{self.caption_column!r}); available columns in the first sample: {found}"
+            )
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """Webdataset convention: ``dir/abc.seg.jpg`` -> key ``dir/abc``, extension ``seg.jpg``."""
+    folder, _, base = name.rpartition("/")
+    key, ext = base.split(".", 1)
+    return f"{folder}/{key}" if folder else key, ext
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Comma-separated paths or globs -> sorted, de-duplicated list of existing files (``ValueError`` if none)."""
+    paths: list[str] = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        matches = sorted(glob.glob(part))
+        if not matches:
+            raise ValueError(f"train_shards entry {part!r} matches no file")
+        paths.extend(m for m in matches if m not in paths)
+    return paths
