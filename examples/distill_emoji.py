@@ -18,9 +18,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-from diffusers import StableDiffusionPipeline
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -62,34 +59,11 @@ def distill(args: argparse.Namespace, resolution: int) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def held_out(data_dir: Path, n: int) -> tuple[list[str], torch.Tensor]:
-    """The first ``n`` held-out captions and all held-out images as ``(N, 3, H, W)`` in [0, 1]."""
-    from PIL import Image
-
-    from lcm_kit.eval import to_unit_tensor
-
-    rows = [json.loads(line) for line in (data_dir / "test" / "metadata.jsonl").read_text().splitlines() if line]
-    images = to_unit_tensor([Image.open(data_dir / "test" / r["file_name"]) for r in rows])
-    return [r["text"] for r in rows[:n]], images
-
-
 def compare(args: argparse.Namespace) -> str:
-    from lcm_kit import LCMPipeline
     from lcm_kit import compare as C
-    from lcm_kit.eval import load_feature_net
 
-    teacher = StableDiffusionPipeline.from_pretrained(args.teacher, safety_checker=None)
-    teacher.set_progress_bar_config(disable=True)
-    prompts, real = held_out(Path(args.data_dir), args.num_eval)
-    cfg = teacher.unet.config
-    noise = C.initial_noise(len(prompts), (cfg.in_channels, cfg.sample_size, cfg.sample_size), args.seed)
-    runs = [C.run_teacher(teacher, prompts, noise, "ddim", 50, args.guidance_scale)]
-    runs += [C.run_teacher(teacher, prompts, noise, s, 4, args.guidance_scale) for s in ("ddim", "dpmpp")]
-    student = LCMPipeline.from_pretrained(args.teacher, safety_checker=None)
-    student.load_lora_weights(args.output_dir)
-    student.set_progress_bar_config(disable=True)
-    runs += [C.run_lcm(student, "LCM-LoRA", prompts, noise, k, guidance_scale=1.0) for k in (1, 2, 4)]
-    C.score(runs, runs[0], real, load_feature_net())
+    runs, prompts = C.run_comparison(args.teacher, args.data_dir, lora_dir=args.output_dir, num_eval=args.num_eval,
+                                     guidance_scale=args.guidance_scale, seed=args.seed)  # fmt: skip
     out = Path(args.output_dir)
     C.comparison_grid(runs, prompts).save(out / "comparison.png")
     table = C.format_table(runs, "DDIM-50")

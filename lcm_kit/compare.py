@@ -11,15 +11,17 @@ records the final latents, the decoded images and the wall time, then reports:
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
-from .eval import feature_fid_kid, latent_mse, pixel_psnr
+from .eval import feature_fid_kid, latent_mse, load_feature_net, pixel_psnr, to_unit_tensor
 from .pipeline import LCMPipeline
 
 
@@ -146,3 +148,55 @@ def comparison_grid(results: list[MethodResult], prompts: Sequence[str], n: int 
             tile = Image.fromarray(arr).resize((side, side), Image.NEAREST)
             grid.paste(tile, (label_w + col * side, 14 + row * side))
     return grid
+
+
+def held_out(data_dir: str | Path, n: int | None = None) -> tuple[list[str], torch.Tensor]:
+    """The first ``n`` held-out captions of an emoji dataset and all held-out images, ``(N, 3, H, W)`` in [0, 1]."""
+    test = Path(data_dir) / "test"
+    rows = [json.loads(line) for line in (test / "metadata.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    images = to_unit_tensor([Image.open(test / r["file_name"]) for r in rows])
+    return [r["text"] for r in rows[:n]], images
+
+
+def run_comparison(
+    teacher_dir: str | Path,
+    data_dir: str | Path,
+    lora_dir: str | Path | None = None,
+    full_dir: str | Path | None = None,
+    num_eval: int | None = 64,
+    guidance_scale: float = 5.0,
+    lcm_guidance_scale: float | None = None,
+    seed: int = 0,
+) -> tuple[list[MethodResult], list[str]]:
+    """Teacher DDIM-50 (reference), DDIM-4, DPM-Solver++-4, then each student at 1, 2 and 4 steps, scored.
+
+    Args:
+        teacher_dir: The teacher SD folder.
+        data_dir: Emoji dataset folder with a ``test/`` split (prompts and real images for FID/KID-emoji).
+        lora_dir: Folder with ``pytorch_lora_weights.safetensors`` (LCM-LoRA on the teacher UNet), sampled without
+            CFG (guidance is distilled into it).
+        full_dir: A full LCM pipeline folder (UNet with a w-embedding), sampled at ``lcm_guidance_scale``.
+        num_eval: Number of held-out prompts (None: all).
+        guidance_scale: Teacher CFG scale (usual convention).
+        lcm_guidance_scale: Guidance of the full LCM's w-embedding (default: ``guidance_scale``).
+        seed: Seed of the initial noise (example ``i`` uses ``seed + i``) and of the LCM re-noising.
+    """
+    teacher = StableDiffusionPipeline.from_pretrained(teacher_dir, safety_checker=None)
+    teacher.set_progress_bar_config(disable=True)
+    prompts, real = held_out(data_dir, num_eval)
+    cfg = teacher.unet.config
+    noise = initial_noise(len(prompts), (cfg.in_channels, cfg.sample_size, cfg.sample_size), seed)
+    runs = [run_teacher(teacher, prompts, noise, "ddim", 50, guidance_scale, seed)]
+    runs += [run_teacher(teacher, prompts, noise, s, 4, guidance_scale, seed) for s in ("ddim", "dpmpp")]
+    students = []
+    if lora_dir is not None:
+        lora = LCMPipeline.from_pretrained(teacher_dir, safety_checker=None)
+        lora.load_lora_weights(lora_dir)
+        students.append(("LCM-LoRA", lora, 1.0))
+    if full_dir is not None:
+        students.append(("LCM (full)", LCMPipeline.from_pretrained(full_dir), lcm_guidance_scale or guidance_scale))
+    for name, pipe, scale in students:
+        pipe.set_progress_bar_config(disable=True)
+        runs += [run_lcm(pipe, name, prompts, noise, k, scale, seed) for k in (1, 2, 4)]
+    score(runs, runs[0], real, load_feature_net())
+    return runs, prompts
