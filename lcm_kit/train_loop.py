@@ -120,6 +120,7 @@ def dry_run(args, accelerator, state, resolved: dict) -> None:
         out = T.distill_loss(nets, accelerator.unwrap_model(nets.student), batch, state["teacher"], state["loss_cfg"],
                              state["uncond"], T.step_generator(args.seed, 0, 0), state["weight_dtype"])  # fmt: skip
     n_train = sum(p.numel() for p in nets.params)
+    procs = {type(p).__name__ for p in accelerator.unwrap_model(nets.student).attn_processors.values()}
     lines = [
         f"mode={args.mode} teacher={args.pretrained_teacher_model} "
         f"prediction_type={state['loss_cfg'].prediction_type}",
@@ -128,6 +129,7 @@ def dry_run(args, accelerator, state, resolved: dict) -> None:
         f"trainable params: {n_train:,}; frozen dtype {state['weight_dtype']}; mixed_precision "
         f"{accelerator.mixed_precision}; UNets in memory: {1 if nets.teacher is None else 3}",
         f"steps: {args.max_train_steps}, lr {args.learning_rate} ({args.lr_scheduler}, warmup {args.lr_warmup_steps})",
+        f"attention: {', '.join(sorted(procs))}; gradient checkpointing {args.gradient_checkpointing}",
         f"first-batch loss {out.loss.item():.5g}; output_dir {args.output_dir}",
         "dry run: nothing trained",
     ]

@@ -134,6 +134,16 @@ def test_resume_is_exact(tmp_path, tiny_sd_dir, images):
     assert max((a[k] - mid[k]).abs().max().item() for k in a) > 1e-5  # the resumed run did train
 
 
+def test_gradient_checkpointing_gives_the_same_weights(tmp_path, tiny_sd_dir, images):
+    # Checkpointed recomputation runs after teacher_mode() has re-enabled the adapter: it must see the student.
+    main = load_script().main
+    main(base_args(tiny_sd_dir, images, tmp_path / "a", 2, "--checkpointing_steps", "0"))
+    main(base_args(tiny_sd_dir, images, tmp_path / "b", 2, "--checkpointing_steps", "0", "--gradient_checkpointing"))
+    a = load_file(tmp_path / "a" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "b" / "pytorch_lora_weights.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, tiny_sd_dir, images):
     out = tmp_path / "out"
     with pytest.raises(FloatingPointError, match=r"non-finite loss .* at optimizer step 3.*checkpoint-2"):
