@@ -177,7 +177,8 @@ class LCMPipeline(
             timesteps: Custom descending timesteps (off-grid values are accepted with a warning).
             guidance_scale: Guidance in the usual convention (``w = guidance_scale - 1``). Defaults to 8.5 for an LCM
                 UNet (fed as the ``w`` embedding, one pass a step; ``negative_prompt`` has no effect there and warns)
-                and to 1.0 for a plain UNet (no CFG); above 1 a plain UNet runs CFG with ``negative_prompt``.
+                and to 1.0 for a plain UNet (no CFG; a ``negative_prompt`` warns); above 1 a plain UNet runs CFG with
+                ``negative_prompt``, cond and uncond batched in one UNet call.
             negative_prompt: Prompt(s) for the unconditional branch of CFG (plain UNet, ``guidance_scale > 1``).
             num_images_per_prompt: Images per prompt.
             generator: RNG(s), one per output image if a list; draws initial noise, then the VAE sample (img2img),
@@ -253,14 +254,14 @@ class LCMPipeline(
     def _encode_text(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
                      guidance_scale, clip_skip, device) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
         """``(cond, uncond)`` embeddings ``(B * num_images_per_prompt, L, D)``; ``uncond`` is ``None`` unless CFG."""
-        if self.has_w_embedding and (negative_prompt is not None or negative_prompt_embeds is not None):
-            warnings.warn(
-                "negative_prompt has no effect with an LCM UNet (time_cond_proj_dim set): guidance is the w "
-                "embedding and no unconditional pass is run",
-                UserWarning,
-                stacklevel=3,
-            )
         do_cfg = not self.has_w_embedding and guidance_scale > 1
+        if not do_cfg and (negative_prompt is not None or negative_prompt_embeds is not None):
+            why = (
+                "with an LCM UNet (time_cond_proj_dim set): guidance is the w embedding"
+                if self.has_w_embedding
+                else f"at guidance_scale={guidance_scale} <= 1"
+            )
+            warnings.warn(f"negative_prompt has no effect {why}, and no unconditional pass is run", stacklevel=3)
         if isinstance(prompt, list) and isinstance(negative_prompt, str):  # one negative prompt for all prompts
             negative_prompt = [negative_prompt] * len(prompt)
         lora_scale = (self._cross_attention_kwargs or {}).get("scale")

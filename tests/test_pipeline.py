@@ -202,10 +202,12 @@ def test_img2img_call_count(lcm_pipe, init_image):
     assert calls.batches == [1] * 4
 
 
-def test_negative_prompt_warns_with_w_embedding(lcm_pipe):
-    with pytest.warns(UserWarning, match="negative_prompt has no effect"):
-        out = _run(lcm_pipe, prompt="a cat", negative_prompt="blurry", num_inference_steps=2)
-    np.testing.assert_array_equal(out, _run(lcm_pipe, prompt="a cat", num_inference_steps=2))
+@pytest.mark.parametrize("which, reason", [("lcm", "w embedding"), ("sd", "guidance_scale=1.0 <= 1")])
+def test_ignored_negative_prompt_warns(lcm_pipe, sd_pipe, which, reason):
+    pipe = lcm_pipe if which == "lcm" else sd_pipe
+    with pytest.warns(UserWarning, match=f"negative_prompt has no effect .*{reason}"):
+        out = _run(pipe, prompt="a cat", negative_prompt="blurry", num_inference_steps=2, guidance_scale=1.0)
+    np.testing.assert_array_equal(out, _run(pipe, prompt="a cat", num_inference_steps=2, guidance_scale=1.0))
 
 
 # ---- LoRA ----------------------------------------------------------------------------------------------------------
