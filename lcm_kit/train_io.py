@@ -121,9 +121,9 @@ def save_final(accelerator, nets, teacher, output_dir: str, save_kohya: bool) ->
     from .pipeline import LCMPipeline
     from .scheduler import LCMKitScheduler
 
-    pipe = LCMPipeline(
+    pipe = LCMPipeline(  # training is over: the text encoder goes back to fp32 (it ran in the mixed dtype)
         vae=teacher.vae,
-        text_encoder=teacher.text_encoder,
+        text_encoder=teacher.text_encoder.to(torch.float32),
         tokenizer=teacher.tokenizer,
         unet=nets.target,
         scheduler=LCMKitScheduler.from_config(teacher.scheduler_config),
@@ -211,7 +211,7 @@ def validation_grid(accelerator, nets, teacher, prompts: list[str], seed: int, s
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     images = []
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), accelerator.autocast():  # components may mix fp32 and bf16/fp16
         for i, prompt in enumerate(prompts):
             for n in step_counts:
                 gen = torch.Generator().manual_seed(seed + i)

@@ -144,6 +144,20 @@ def test_gradient_checkpointing_gives_the_same_weights(tmp_path, tiny_sd_dir, im
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_bf16_mixed_precision_runs(tmp_path, tiny_sd_dir, images, mode):
+    # Frozen weights in bf16, trainable ones fp32; validation runs with mixed-dtype components under autocast.
+    out = tmp_path / "out"
+    extra = ("--mode", mode, "--mixed_precision", "bf16", "--validation_steps", "2")
+    argv = base_args(tiny_sd_dir, images, out, 2, *extra)
+    assert load_script().main(argv) == 0
+    assert (out / "validation" / "step-2.png").is_file()
+    name = "pytorch_lora_weights.safetensors" if mode == "lora" else "unet/diffusion_pytorch_model.safetensors"
+    weights = out / name
+    state = load_file(weights)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in state.values())
+
+
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, tiny_sd_dir, images):
     out = tmp_path / "out"
     with pytest.raises(FloatingPointError, match=r"non-finite loss .* at optimizer step 3.*checkpoint-2"):
