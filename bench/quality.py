@@ -5,7 +5,8 @@
 Same table as the README's main job (lcm_kit.compare) with wall time per image: teacher DDIM-50 with CFG is the
 reference; teacher DDIM-4 and DPM-Solver++-4 (CFG) are its own few-step samplers; the LCM-LoRA (no CFG) and, when
 given, the full LCM (w-embedding) run 1, 2 and 4 steps. All from the same initial noise. Wall times are of one
-batched call over all prompts on this machine; speed-up is relative to DDIM-50 in the same run.
+batched call over all prompts (median of --repeats after a warm-up); speed-up is relative to DDIM-50 in the
+same run.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--num_eval", type=int, default=0, help="held-out prompts (0: all)")
     p.add_argument("--guidance_scale", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per method; the median is reported")
     args = p.parse_args(argv)
     from lcm_kit import compare as C
 
     runs, _ = C.run_comparison(args.teacher, args.data_dir, args.lora_dir, args.full_dir, args.num_eval or None,
-                               args.guidance_scale, seed=args.seed)  # fmt: skip
+                               args.guidance_scale, seed=args.seed, repeats=args.repeats)  # fmt: skip
     table = C.format_table(runs, "DDIM-50")
     print(" ".join(["python", "bench/quality.py", *(argv if argv is not None else sys.argv[1:])]))
     print(table)

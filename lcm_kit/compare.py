@@ -12,6 +12,7 @@ records the final latents, the decoded images and the wall time, then reports:
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,10 +54,14 @@ def initial_noise(n: int, shape: tuple[int, int, int], seed: int) -> torch.Tenso
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)])
 
 
-def _timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
+def _timed(fn: Callable[[], torch.Tensor], repeats: int = 1) -> tuple[torch.Tensor, float]:
+    """Runs ``fn`` ``repeats`` times (each call is deterministic); returns its output and the median seconds."""
+    times, out = [], None
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return out, statistics.median(times)
 
 
 @torch.no_grad()
@@ -73,6 +78,7 @@ def run_teacher(
     steps: int,
     guidance_scale: float,
     seed: int = 0,
+    repeats: int = 1,
 ) -> MethodResult:
     """The teacher with ``"ddim"`` (eta 0) or ``"dpmpp"`` (DPM-Solver++ 2M) and classic CFG."""
     classes = {"ddim": DDIMScheduler, "dpmpp": DPMSolverMultistepScheduler}
@@ -84,7 +90,7 @@ def run_teacher(
         return pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale, latents=noise.clone(),
                     generator=torch.Generator().manual_seed(seed), output_type="latent").images  # fmt: skip
 
-    latents, seconds = _timed(sample)
+    latents, seconds = _timed(sample, repeats)
     images = _decode(pipe.vae, latents)
     evals = steps * (2 if guidance_scale > 1 else 1)
     label = {"ddim": "teacher DDIM", "dpmpp": "teacher DPM-Solver++"}[solver]
@@ -93,7 +99,7 @@ def run_teacher(
 
 def run_lcm(
     pipe: LCMPipeline, name: str, prompts: Sequence[str], noise: torch.Tensor, steps: int, guidance_scale: float,
-    seed: int = 0,
+    seed: int = 0, repeats: int = 1,
 ) -> MethodResult:  # fmt: skip
     """An LCM student (LoRA on the teacher UNet, or a full LCM UNet) with :class:`LCMPipeline`."""
 
@@ -101,7 +107,7 @@ def run_lcm(
         return pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale, latents=noise.clone(),
                     generator=torch.Generator().manual_seed(seed), output_type="latent").images  # fmt: skip
 
-    latents, seconds = _timed(sample)
+    latents, seconds = _timed(sample, repeats)
     evals = steps * (2 if (not pipe.has_w_embedding and guidance_scale > 1) else 1)
     return MethodResult(name, steps, evals, latents, _decode(pipe.vae, latents), seconds / len(prompts))
 
@@ -167,6 +173,8 @@ def run_comparison(
     guidance_scale: float = 5.0,
     lcm_guidance_scale: float | None = None,
     seed: int = 0,
+    repeats: int = 1,
+    feature_net: torch.nn.Module | None = None,
 ) -> tuple[list[MethodResult], list[str]]:
     """Teacher DDIM-50 (reference), DDIM-4, DPM-Solver++-4, then each student at 1, 2 and 4 steps, scored.
 
@@ -180,14 +188,17 @@ def run_comparison(
         guidance_scale: Teacher CFG scale (usual convention).
         lcm_guidance_scale: Guidance of the full LCM's w-embedding (default: ``guidance_scale``).
         seed: Seed of the initial noise (example ``i`` uses ``seed + i``) and of the LCM re-noising.
+        repeats: Timed calls per method (median reported), after one untimed warm-up call of each pipeline.
+        feature_net: Feature network of FID/KID-emoji (default: the committed one, :func:`load_feature_net`).
     """
     teacher = StableDiffusionPipeline.from_pretrained(teacher_dir, safety_checker=None)
     teacher.set_progress_bar_config(disable=True)
     prompts, real = held_out(data_dir, num_eval)
     cfg = teacher.unet.config
     noise = initial_noise(len(prompts), (cfg.in_channels, cfg.sample_size, cfg.sample_size), seed)
-    runs = [run_teacher(teacher, prompts, noise, "ddim", 50, guidance_scale, seed)]
-    runs += [run_teacher(teacher, prompts, noise, s, 4, guidance_scale, seed) for s in ("ddim", "dpmpp")]
+    teacher(prompts[:1], num_inference_steps=1, output_type="latent")  # warm-up: first calls pay one-off costs
+    runs = [run_teacher(teacher, prompts, noise, "ddim", 50, guidance_scale, seed, repeats)]
+    runs += [run_teacher(teacher, prompts, noise, s, 4, guidance_scale, seed, repeats) for s in ("ddim", "dpmpp")]
     students = []
     if lora_dir is not None:
         lora = LCMPipeline.from_pretrained(teacher_dir, safety_checker=None)
@@ -197,6 +208,7 @@ def run_comparison(
         students.append(("LCM (full)", LCMPipeline.from_pretrained(full_dir), lcm_guidance_scale or guidance_scale))
     for name, pipe, scale in students:
         pipe.set_progress_bar_config(disable=True)
-        runs += [run_lcm(pipe, name, prompts, noise, k, scale, seed) for k in (1, 2, 4)]
-    score(runs, runs[0], real, load_feature_net())
+        pipe(prompts[:1], num_inference_steps=1, output_type="latent")  # warm-up
+        runs += [run_lcm(pipe, name, prompts, noise, k, scale, seed, repeats) for k in (1, 2, 4)]
+    score(runs, runs[0], real, feature_net if feature_net is not None else load_feature_net())
     return runs, prompts

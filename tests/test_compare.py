@@ -57,3 +57,24 @@ def test_bad_solver(runs, tiny_sd_dir):
     teacher = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
     with pytest.raises(ValueError, match="euler"):
         C.run_teacher(teacher, ["a"], torch.zeros(1, 4, 8, 8), "euler", 4, 1.0)
+
+
+def test_run_comparison_end_to_end(tiny_sd_dir, tiny_lcm_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from lcm_kit.emoji import build_emoji_dataset
+    from lcm_kit.lora import add_lcm_lora, save_lora
+
+    build_emoji_dataset(tmp_path / "data", size=16, limit=12, min_test=3)
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet")
+    add_lcm_lora(unet, rank=2)
+    save_lora(unet, tmp_path / "lora")
+    net = EmojiFeatureNet(2, 3, feature_dim=8, resolution=16, width=8).eval()
+    runs, prompts = C.run_comparison(tiny_sd_dir, tmp_path / "data", tmp_path / "lora", tiny_lcm_dir, num_eval=3,
+                                     guidance_scale=2.0, feature_net=net)  # fmt: skip
+    assert len(prompts) == 3
+    names = [(r.name, r.steps) for r in runs]
+    assert names[:3] == [("teacher DDIM", 50), ("teacher DDIM", 4), ("teacher DPM-Solver++", 4)]
+    assert names[3:] == [(n, k) for n in ("LCM-LoRA", "LCM (full)") for k in (1, 2, 4)]
+    assert all(set(r.metrics) >= {"latent_mse", "psnr_db", "fid_emoji", "kid_emoji", "speedup"} for r in runs)
+    assert runs[0].metrics["latent_mse"] == 0 and runs[0].metrics["speedup"] == 1.0
