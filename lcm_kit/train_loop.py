@@ -70,11 +70,10 @@ def _after_step(args, accelerator, state, step: int, loss: float) -> None:
         log_validation(args, accelerator, state, step)
 
 
-def train(args, accelerator, state) -> int:
-    """Runs up to ``max_train_steps`` optimizer steps (from a checkpoint if asked); returns the final step."""
+def train(args, accelerator, state, ckpt: Path | None = None) -> int:
+    """Runs up to ``max_train_steps`` optimizer steps (from checkpoint ``ckpt`` if given); returns the final step."""
     loader, accum = state["loader"], args.gradient_accumulation_steps
     step = 0
-    ckpt = io.resolve_resume(args.output_dir, args.resume_from_checkpoint)
     if ckpt is not None:
         step = io.load_checkpoint(accelerator, ckpt)
         logger.info("resumed from %s at step %d", ckpt, step)

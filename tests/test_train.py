@@ -25,10 +25,15 @@ SCRIPT = REPO / "train" / "distill_lora.py"
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _one_thread_fresh_accelerate():
     # One thread: on a shared 2-core machine two OpenMP threads per process are up to 40x slower for tiny convs.
+    # accelerate keeps a process-wide singleton state (mixed precision, ...): reset it between in-process runs.
+    from accelerate.state import AcceleratorState, GradientState
+
     torch.set_num_threads(1)
     yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def load_script():
@@ -158,6 +163,15 @@ def test_bf16_mixed_precision_runs(tmp_path, tiny_sd_dir, images, mode):
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in state.values())
 
 
+def test_checkpoint_limit_and_resume_from_path(tmp_path, tiny_sd_dir, images):
+    main, out = load_script().main, tmp_path / "out"
+    main(base_args(tiny_sd_dir, images, out, 3, "--checkpointing_steps", "1", "--checkpoints_total_limit", "2"))
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-3"]
+    assert json.loads((out / "checkpoint-3" / "training_state.json").read_text()) == {"global_step": 3}
+    main(base_args(tiny_sd_dir, images, out, 4, "--resume_from_checkpoint", str(out / "checkpoint-2")))
+    assert (out / "checkpoint-4").is_dir() and (out / "pytorch_lora_weights.safetensors").is_file()
+
+
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, tiny_sd_dir, images):
     out = tmp_path / "out"
     with pytest.raises(FloatingPointError, match=r"non-finite loss .* at optimizer step 3.*checkpoint-2"):
@@ -175,6 +189,8 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, tiny_sd_dir, im
         ({"--lora_rank": "0"}, "lora_rank"),
         ({"--w_min": "9", "--w_max": "3"}, "w_min"),
         ({"--output_dir": "UNWRITABLE"}, "not writable"),
+        ({"--use_8bit_adam": "true"}, "bitsandbytes"),
+        ({"--resume_from_checkpoint": "/nonexistent/checkpoint-5"}, "not a checkpoint folder"),
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, tiny_sd_dir, images, monkeypatch, change, match):

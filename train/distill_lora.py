@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     args = configs[0]
     accelerator = make_accelerator(args)
     resolved = prepare_output_dir(accelerator, configs)
+    ckpt = io.resolve_resume(args.output_dir, args.resume_from_checkpoint)  # a bad path fails before loading
     from accelerate.utils import set_seed
 
     set_seed(args.seed)
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.report_to != "none":
         accelerator.init_trackers("lcm_distill", config={k: str(v) for k, v in resolved.items()})
-    step = train(args, accelerator, state)
+    step = train(args, accelerator, state, ckpt)
     accelerator.wait_for_everyone()
     io.save_final(accelerator, state["nets"], state["teacher"], args.output_dir, args.save_kohya)
     if accelerator.is_main_process:
