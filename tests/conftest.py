@@ -10,8 +10,9 @@ from lcm_kit.testing import save_tiny_sd_folder
 
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
-    # Two threads max: CI has two cores, and fixed thread counts keep float reductions reproducible run to run.
-    torch.set_num_threads(2)
+    # One thread: the models are tiny (thread start-up costs more than it saves, and an oversubscribed 2-core machine
+    # makes multi-threaded tiny ops up to 100x slower), and a fixed count keeps float reductions reproducible.
+    torch.set_num_threads(1)
     yield
 
 
