@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_data import make_image_folder
+from test_data import make_image_folder, make_shards
 
 from lcm_kit.cli import parse_dataclasses
 
@@ -224,6 +224,14 @@ def test_dry_run_and_latent_cache(tmp_path, tiny_sd_dir, images, capsys):
     mtime = cache_file.stat().st_mtime_ns
     assert main(base_args(tiny_sd_dir, images, out, 2, *extra)) == 0  # trains from the cache, reused unchanged
     assert cache_file.stat().st_mtime_ns == mtime and (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_webdataset_shards_train(tmp_path, tiny_sd_dir, images):
+    pattern = make_shards(tmp_path / "shards", caption="json", corrupt=1)
+    argv = base_args(tiny_sd_dir, images, tmp_path / "out", 2)
+    argv[argv.index("--train_data_dir") : argv.index("--train_data_dir") + 2] = ["--train_shards", pattern]
+    assert load_script().main(argv) == 0
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_cli_helper_types_and_defaults():
