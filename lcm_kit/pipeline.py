@@ -270,7 +270,9 @@ class LCMPipeline(
             self, prompt, device, num_images_per_prompt, do_cfg, negative_prompt if do_cfg else None, prompt_embeds,
             negative_prompt_embeds if do_cfg else None, lora_scale=lora_scale, clip_skip=clip_skip,
         )  # fmt: skip
-        return cond, (uncond if do_cfg else None)
+        # the UNet's dtype rules the loop (a bf16 text encoder beside an fp32 UNet is common in training validation)
+        dtype = self.unet.dtype
+        return cond.to(dtype), (uncond.to(dtype) if do_cfg else None)
 
     def _initial_latents(self, image, total, num_images_per_prompt, height, width, cond, generator) -> torch.Tensor:
         """Text-to-image: pure noise ``(total, C, h, w)``. Image-to-image: the encoded image noised to the first

@@ -361,3 +361,15 @@ def test_progress_bar_can_be_disabled(tiny_lcm_dir, capfd):
     pipe.set_progress_bar_config(disable=True)
     pipe(prompt="a cat", num_inference_steps=2, output_type="latent")
     assert "2/2" not in capfd.readouterr().err
+
+
+def test_bf16_text_encoder_with_fp32_unet(tiny_lcm_dir):
+    # training validation keeps the frozen text encoder in bf16 beside an fp32 UNet: the loop follows the UNet dtype
+    pipe = LCMPipeline.from_pretrained(tiny_lcm_dir)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    pipe.text_encoder.to(torch.bfloat16)
+    out = pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    assert out.dtype == torch.float32
+    # only the text embeddings were rounded to bf16 (8 mantissa bits): outputs agree to a few percent
+    torch.testing.assert_close(out, ref, atol=0.1, rtol=0.05)
