@@ -19,10 +19,11 @@ from PIL import Image, ImageDraw
 
 
 def held_out(data_dir: str, n: int) -> list[tuple[str, Image.Image]]:
-    """The first ``n`` test-split captions and their real images."""
+    """``n`` test-split captions spread evenly over the split (it is sorted by code point) and their real images."""
     root = Path(data_dir) / "test"
     rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
-    return [(r["text"], Image.open(root / r["file_name"]).convert("RGB")) for r in rows[:n]]
+    picked = [rows[i * len(rows) // n] for i in range(min(n, len(rows)))]
+    return [(r["text"], Image.open(root / r["file_name"]).convert("RGB")) for r in picked]
 
 
 def make_grid(items: list[tuple[str, Image.Image, Image.Image]], cols: int, scale: int = 3) -> Image.Image:
