@@ -7,14 +7,13 @@ user's SD folder, so they are loaded back with ``from_pretrained``.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from .tokenizer import bytes_to_unicode
+from .tokenizer import write_clip_vocab
 
 SD15_SCHEDULER_CONFIG = {
     "beta_start": 0.00085,
@@ -35,15 +34,8 @@ def write_byte_clip_tokenizer(path: str | os.PathLike, model_max_length: int = 7
     """
     from transformers import CLIPTokenizer
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    alphabet = list(bytes_to_unicode().values())
-    tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
-    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-    (path / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    tok = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=model_max_length)
-    tok.save_pretrained(path)
-    return tok
+    write_clip_vocab(path, [], model_max_length)
+    return CLIPTokenizer.from_pretrained(str(path))
 
 
 def tiny_unet_config(

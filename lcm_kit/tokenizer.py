@@ -39,6 +39,34 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs), strict=True))
 
 
+def write_clip_vocab(out_dir: str | os.PathLike, merges: list[tuple[str, str]], model_max_length: int = 77) -> Path:
+    """Write ``vocab.json``, ``merges.txt`` and ``tokenizer_config.json`` of a CLIP BPE tokenizer with ``merges``.
+
+    The vocabulary is CLIP's: the byte alphabet, the same symbols with ``</w>``, one token per merge, then
+    ``<|startoftext|>`` and ``<|endoftext|>`` (so ``512 + len(merges) + 2`` tokens). No merges gives a byte-level
+    tokenizer that still encodes any text.
+    """
+    alphabet = list(bytes_to_unicode().values())
+    tokens = alphabet + [a + "</w>" for a in alphabet] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    merge_lines = "".join(" ".join(m) + "\n" for m in merges)
+    (out / "merges.txt").write_text("#version: 0.2\n" + merge_lines, encoding="utf-8")
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": model_max_length,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "do_lower_case": True,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
 def convert_clip_bpe(bpe_path: str | os.PathLike, out_dir: str | os.PathLike, num_merges: int = SD_NUM_MERGES) -> Path:
     """Write ``vocab.json``, ``merges.txt`` and tokenizer configs for `transformers.CLIPTokenizer`.
 
@@ -53,27 +81,7 @@ def convert_clip_bpe(bpe_path: str | os.PathLike, out_dir: str | os.PathLike, nu
     if not 1 <= num_merges <= SD_NUM_MERGES:
         raise ValueError(f"num_merges must be in [1, {SD_NUM_MERGES}], got {num_merges}")
     lines = gzip.open(bpe_path, "rt", encoding="utf-8").read().split("\n")
-    merges = [tuple(m.split()) for m in lines[1 : num_merges + 1]]
-    alphabet = list(bytes_to_unicode().values())
-    tokens = alphabet + [a + "</w>" for a in alphabet] + ["".join(m) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
-    (out / "merges.txt").write_text(
-        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
-    )
-    config = {
-        "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": 77,
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-        "do_lower_case": True,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    return out
+    return write_clip_vocab(out_dir, [tuple(m.split()) for m in lines[1 : num_merges + 1]])
 
 
 def main(argv: list[str] | None = None) -> None:
