@@ -5,8 +5,8 @@
 1. Renders the emoji dataset at the teacher's resolution (Debian's fonts-noto-color-emoji) if it is missing.
 2. Runs the real distiller, ``train/distill_lora.py`` (the same script ``accelerate launch`` runs), on the committed
    teacher ``models/tiny-emoji-sd``.
-3. Samples held-out prompts from the same initial noise with the teacher's DDIM-50 (the reference), DDIM-4 and
-   DPM-Solver++-4 (all with CFG), and with the LCM-LoRA at 1, 2 and 4 steps; writes ``comparison.png`` and
+3. Samples held-out prompts from the same initial noise with the teacher's DDIM-50 (the reference), DDIM-1/2/4 and
+   DPM-Solver++-2/4 (all with CFG), and with the LCM-LoRA at 1, 2 and 4 steps; writes ``comparison.png`` and
    ``metrics.md`` into the output folder and prints the table (see :mod:`lcm_kit.compare`).
 """
 

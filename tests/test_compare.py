@@ -74,7 +74,8 @@ def test_run_comparison_end_to_end(tiny_sd_dir, tiny_lcm_dir, tmp_path):
                                      guidance_scale=2.0, feature_net=net)  # fmt: skip
     assert len(prompts) == 3
     names = [(r.name, r.steps) for r in runs]
-    assert names[:3] == [("teacher DDIM", 50), ("teacher DDIM", 4), ("teacher DPM-Solver++", 4)]
-    assert names[3:] == [(n, k) for n in ("LCM-LoRA", "LCM (full)") for k in (1, 2, 4)]
+    label = {"ddim": "teacher DDIM", "dpmpp": "teacher DPM-Solver++"}
+    assert names[:6] == [("teacher DDIM", 50)] + [(label[s], k) for s, k in C.TEACHER_FEW_STEP]
+    assert names[6:] == [(n, k) for n in ("LCM-LoRA", "LCM (full)") for k in (1, 2, 4)]
     assert all(set(r.metrics) >= {"latent_mse", "psnr_db", "fid_emoji", "kid_emoji", "speedup"} for r in runs)
     assert runs[0].metrics["latent_mse"] == 0 and runs[0].metrics["speedup"] == 1.0
