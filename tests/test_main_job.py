@@ -1,0 +1,27 @@
+"""The README's main job (examples/distill_emoji.py) end to end on the committed teacher, shortened."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_main_job_runs_end_to_end(tmp_path):
+    out = tmp_path / "lora"
+    cmd = [sys.executable, str(ROOT / "examples" / "distill_emoji.py"), "--data_dir", str(tmp_path / "emoji32"),
+           "--output_dir", str(out), "--max_train_steps", "3", "--num_eval", "8"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "emoji32" / "test" / "metadata.jsonl").exists()  # the dataset was rendered
+    for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors", "comparison.png"):
+        assert (out / name).exists(), name
+    table = (out / "metrics.md").read_text().splitlines()
+    # header, separator, DDIM-50 reference, 5 teacher few-step rows, LCM-LoRA at 1, 2, 4 steps
+    assert len(table) == 2 + 1 + 5 + 3 and "| LCM-LoRA | 4 | 4 |" in table[-1]
+    assert table[-1] in result.stdout
