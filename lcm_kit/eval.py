@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from .atomic import save_safetensors
+
 DEFAULT_FEATURES_DIR = Path(__file__).resolve().parent.parent / "models" / "emoji-features"
 
 
@@ -75,14 +77,10 @@ class EmojiFeatureNet(nn.Module):
 
 def save_feature_net(net: EmojiFeatureNet, path: str | os.PathLike, labels: dict[str, list[str]]) -> None:
     """Write ``config.json`` (architecture + label names) and ``model.safetensors`` (atomic) to ``path``."""
-    from safetensors.torch import save_file
-
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({**net.config, "labels": labels}, indent=2, ensure_ascii=False))
-    tmp = out / "model.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    os.replace(tmp, out / "model.safetensors")
+    save_safetensors(net.state_dict(), out / "model.safetensors")
 
 
 def load_feature_net(path: str | os.PathLike = DEFAULT_FEATURES_DIR) -> EmojiFeatureNet:

@@ -22,14 +22,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from .atomic import save_safetensors
 from .data import DataConfig, HFSource, ImageCaptionDataset, ShardSource, scan_valid
 
 logger = logging.getLogger(__name__)
@@ -55,19 +54,6 @@ def cache_path(config: DataConfig, teacher_dir: str | os.PathLike, source: HFSou
     return Path(config.cache_dir) / f"lcm_cache-{digest}.safetensors"
 
 
-def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """``safetensors`` save through a temp file in the same folder + ``os.replace`` (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_cache(path: Path) -> tuple[dict[str, torch.Tensor], int]:
     """Loads a cache file: ``(tensors, number of samples skipped when it was built)``."""
     with safe_open(str(path), framework="pt") as f:
@@ -86,10 +72,11 @@ def encode_prompts(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor
 
 
 @torch.no_grad()
-def _encode_images(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior ``(mean, std)`` of ``pixels`` (B,3,H,W) in [-1, 1], both times ``scaling_factor``, on the VAE."""
     dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
     sf = vae.config.scaling_factor
-    return (dist.mean * sf).float().cpu(), (dist.std * sf).float().cpu()
+    return dist.mean * sf, dist.std * sf
 
 
 def build_cache(
@@ -103,7 +90,7 @@ def build_cache(
         items = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
         pixels = torch.stack([it["pixel_values"] for it in items])  # unflipped: center crop, no random flip
         for flip in flips:
-            mean, std = _encode_images(vae, pixels.flip(-1) if flip else pixels)
+            mean, std = (x.float().cpu() for x in encode_posterior(vae, pixels.flip(-1) if flip else pixels))
             sfx = "_flip" if flip else ""
             out.setdefault("latent_mean" + sfx, []).append(mean)
             out.setdefault("latent_std" + sfx, []).append(std)
@@ -134,6 +121,6 @@ def cached_latents(
     if not valid:
         raise ValueError(f"the training dataset is empty: {len(source)} sample(s), {len(skipped)} unreadable")
     tensors = build_cache(config, source, valid, vae, text_encoder, tokenizer)
-    save_atomic(tensors, path, {"n_skipped": str(len(skipped)), "version": str(CACHE_VERSION)})
+    save_safetensors(tensors, path, {"n_skipped": str(len(skipped)), "version": str(CACHE_VERSION)})
     logger.info("wrote latent cache %s (%d samples, %d skipped)", path, len(valid), len(skipped))
     return tensors, len(skipped), path

@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from .atomic import save_safetensors
 
 __all__ = [
     "LCM_LORA_TARGET_MODULES",
@@ -172,23 +173,6 @@ def _rank_alpha_targets(unet: torch.nn.Module) -> tuple[int, float, list[str]]:
     return int(config.r), float(config.lora_alpha), sorted(config.target_modules)
 
 
-def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
-    """Writes a safetensors file atomically (temp file in the same folder + ``os.replace``)."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _metadata(rank: int | None, alpha: float, target_modules: list[str] | None = None) -> dict[str, str]:
     """safetensors metadata: ``lcm_kit.rank`` / ``lcm_kit.alpha``, and diffusers' ``lora_adapter_metadata`` (the
     LoraConfig kwargs ``load_lora_weights`` uses instead of guessing, so an alpha != rank survives)."""
@@ -226,9 +210,9 @@ def save_lora(
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     out = Path(output_dir)
-    paths = [_write_safetensors(state, out / weight_name, _metadata(rank, alpha, targets))]
+    paths = [save_safetensors(state, out / weight_name, _metadata(rank, alpha, targets))]
     if kohya:
-        paths.append(_write_safetensors(to_kohya(state, alpha), out / KOHYA_WEIGHT_NAME, _metadata(rank, alpha)))
+        paths.append(save_safetensors(to_kohya(state, alpha), out / KOHYA_WEIGHT_NAME, _metadata(rank, alpha)))
     return paths
 
 
@@ -277,7 +261,7 @@ def _convert_file(src: Path, dst: Path, alpha: float | None) -> float:
         raise ValueError(f"{src} stores no LoRA alpha in its metadata; pass --alpha")
     ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
     rank = ranks.pop() if len(ranks) == 1 else None
-    _write_safetensors(to_kohya(state, alpha), dst, _metadata(rank, alpha))
+    save_safetensors(to_kohya(state, alpha), dst, _metadata(rank, alpha))
     return alpha
 
 

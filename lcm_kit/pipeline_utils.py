@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,8 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
+
+from .atomic import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -140,17 +141,6 @@ def encode_images(
     return x0 * vae.config.scaling_factor
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_stock_diffusers_index(save_directory: str | os.PathLike, has_w_embedding: bool) -> None:
     """Rewrites the class names of a saved ``LCMPipeline`` folder so stock diffusers loads it without lcm_kit.
 
@@ -163,7 +153,7 @@ def write_stock_diffusers_index(save_directory: str | os.PathLike, has_w_embeddi
     index = json.loads(index_path.read_text(encoding="utf-8"))
     index["_class_name"] = "LatentConsistencyModelPipeline" if has_w_embedding else "StableDiffusionPipeline"
     index["scheduler"] = ["diffusers", "LCMScheduler"]
-    _write_json_atomic(index_path, index)
+    write_json(index_path, index)
     sched = json.loads(sched_path.read_text(encoding="utf-8"))
     if sched.get("sigma_data", 0.5) != 0.5 or sched.get("gamma", 0.0) != 0.0:
         logger.warning(
@@ -173,4 +163,4 @@ def write_stock_diffusers_index(save_directory: str | os.PathLike, has_w_embeddi
             sched.get("gamma"),
         )
     sched["_class_name"] = "LCMScheduler"
-    _write_json_atomic(sched_path, sched)
+    write_json(sched_path, sched)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from . import functional as F
-from .latent_cache import encode_prompts
+from .latent_cache import encode_posterior, encode_prompts
 from .lora import add_lcm_lora, teacher_mode
 from .loss import DistillLossConfig, DistillLossOutput, consistency_distillation_loss
 from .schedules import alphas_cumprod_from_betas, make_betas
@@ -170,9 +170,7 @@ def batch_inputs(batch: dict, teacher: Teacher, generator: torch.Generator) -> t
     if "latent_mean" in batch:
         mean, std, embeds = batch["latent_mean"], batch["latent_std"], batch["prompt_embeds"]
     else:
-        dist = teacher.vae.encode(batch["pixel_values"].to(device, teacher.vae.dtype)).latent_dist
-        sf = teacher.vae.config.scaling_factor
-        mean, std = dist.mean * sf, dist.std * sf
+        mean, std = encode_posterior(teacher.vae, batch["pixel_values"])
         embeds = encode_prompts(teacher.tokenizer, teacher.text_encoder, list(batch["caption"]))
     eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device, mean.dtype)
     return (mean + std * eps).float().to(device), embeds.to(device)

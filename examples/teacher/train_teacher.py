@@ -35,7 +35,6 @@ import copy
 import csv
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field, fields
@@ -46,8 +45,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from lcm_kit.atomic import save_safetensors
 
 
 @dataclass(frozen=True)
@@ -119,9 +120,7 @@ def load_split(data_dir: str, resolution: int) -> tuple[torch.Tensor, list[str]]
 
 def save_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Atomic safetensors write (temp file + rename) with a JSON ``meta`` entry."""
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"meta": json.dumps(meta)})
-    os.replace(tmp, path)
+    save_safetensors(tensors, path, {"meta": json.dumps(meta)})
 
 
 def pack(modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
