@@ -155,7 +155,7 @@ def write_stock_diffusers_index(save_directory: str | os.PathLike, has_w_embeddi
     index["scheduler"] = ["diffusers", "LCMScheduler"]
     write_json(index_path, index)
     sched = json.loads(sched_path.read_text(encoding="utf-8"))
-    if sched.get("sigma_data", 0.5) != 0.5 or sched.get("gamma", 0.0) != 0.0:
+    if sched.get("sigma_data", 0.5) != 0.5 or sched.get("gamma") is not None:
         logger.warning(
             "scheduler has sigma_data=%s, gamma=%s: stock diffusers' LCMScheduler ignores these keys (only "
             "LCMPipeline.from_pretrained uses them)",

@@ -27,7 +27,7 @@ class LCMKitSchedulerOutput(BaseOutput):
     Args:
         prev_sample: The latent to feed the next step, ``(B, C, H, W)`` (re-noised unless this was the last step).
         denoised: The clean-latent estimate of this step, ``(B, C, H, W)``: the consistency output ``f(z_t, t)``
-            (``gamma = 0``), or TCD's ``x_s`` (``gamma > 0``). Decode this one after the last step.
+            (``gamma = None``), or TCD's ``x_s`` (``gamma`` set). Decode this one after the last step.
     """
 
     prev_sample: torch.Tensor
@@ -40,12 +40,12 @@ class LCMKitScheduler(SchedulerMixin, ConfigMixin):
 
     Each step maps ``z_t`` to a clean estimate, then re-noises it with fresh noise to the next timestep:
 
-    * ``gamma = 0``: ``denoised = c_skip(t) z_t + c_out(t) pred_x0`` and ``z_next = alpha(t') denoised +
-      sigma(t') eps`` -- exactly ``diffusers.LCMScheduler``.
-    * ``gamma > 0``: the model's DDIM prediction is taken to ``s = floor((1 - gamma) t')``, ``x_s = alpha(s) pred_x0 +
-      sigma(s) pred_eps``, then forward-diffused from ``s`` to ``t'`` -- exactly ``diffusers.TCDScheduler`` with
-      ``eta = gamma``. ``gamma = 1`` re-noises from ``pred_x0`` itself; small ``gamma`` is closer to
-      deterministic DDIM.
+    * ``gamma = None`` (default): ``denoised = c_skip(t) z_t + c_out(t) pred_x0`` and ``z_next = alpha(t') denoised
+      + sigma(t') eps`` -- exactly ``diffusers.LCMScheduler``.
+    * ``gamma`` in ``[0, 1]``: the model's DDIM prediction is taken to ``s = floor((1 - gamma) t')``, ``x_s = alpha(s)
+      pred_x0 + sigma(s) pred_eps``, then forward-diffused from ``s`` to ``t'`` -- exactly ``diffusers.TCDScheduler``
+      with ``eta = gamma``. ``gamma = 1`` re-noises from ``pred_x0`` itself; ``gamma = 0`` draws no noise at all
+      (deterministic: every step stays on the trajectory of the initial noise, like DDIM).
 
     Args:
         num_train_timesteps: Length of the DDPM schedule the model was trained with.
@@ -66,7 +66,7 @@ class LCMKitScheduler(SchedulerMixin, ConfigMixin):
         timestep_scaling: Multiplier of ``t`` in the boundary scalings (10 in LCM).
         rescale_betas_zero_snr: Rescale betas to zero terminal SNR.
         sigma_data: Data standard deviation in the boundary scalings (0.5 in LCM).
-        gamma: TCD's stochasticity ``gamma`` in ``[0, 1]``; 0 is plain LCM.
+        gamma: ``None`` for plain LCM sampling, or TCD's stochasticity ``gamma`` in ``[0, 1]`` (0: deterministic).
     """
 
     _compatibles = [
@@ -105,12 +105,12 @@ class LCMKitScheduler(SchedulerMixin, ConfigMixin):
         timestep_scaling: float = 10.0,
         rescale_betas_zero_snr: bool = False,
         sigma_data: float = 0.5,
-        gamma: float = 0.0,
+        gamma: float | None = None,
     ) -> None:
         if prediction_type not in F.PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {F.PREDICTION_TYPES}, got {prediction_type!r}")
-        if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        if gamma is not None and not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must be None (LCM) or in [0, 1] (TCD), got {gamma}")
         if original_inference_steps < 1 or original_inference_steps > num_train_timesteps:
             raise ValueError(
                 f"original_inference_steps must be in [1, {num_train_timesteps}], got {original_inference_steps}"
@@ -235,7 +235,7 @@ class LCMKitScheduler(SchedulerMixin, ConfigMixin):
         alpha_t, sigma_t = schedules.alpha_sigma(ac, t)
         pred_x0, pred_eps = F.predict_x0_eps(model_output, sample, alpha_t, sigma_t, self.config.prediction_type)
         gamma = self.config.gamma
-        if gamma == 0:
+        if gamma is None:
             c_skip, c_out = F.boundary_scalings(t, self.config.sigma_data, self.config.timestep_scaling)
             denoised = F.consistency_output(sample, self._postprocess_x0(pred_x0), c_skip, c_out)
             t_next, t_from = (None if is_last else int(self.timesteps[self._step_index + 1])), None
@@ -243,7 +243,7 @@ class LCMKitScheduler(SchedulerMixin, ConfigMixin):
             t_next = 0 if is_last else int(self.timesteps[self._step_index + 1])
             t_from = int(np.floor((1 - gamma) * t_next))
             denoised = F.diffuse(pred_x0, pred_eps, *schedules.alpha_sigma(ac, t_from))
-        if is_last:
+        if is_last or t_from == t_next:  # last step, or TCD with gamma = 0 (x_s is already at t')
             prev_sample = denoised
         else:
             noise = randn_tensor(

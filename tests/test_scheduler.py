@@ -40,7 +40,7 @@ def test_loop_equals_diffusers_lcm(prediction_type, steps):
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("steps", [1, 2, 4, 8])
-@pytest.mark.parametrize("gamma", [0.3, 1.0])
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 1.0])
 def test_loop_equals_diffusers_tcd(prediction_type, steps, gamma):
     ref = TCDScheduler(prediction_type=prediction_type)
     ours = LCMKitScheduler.from_config(ref.config, gamma=gamma)
@@ -48,6 +48,14 @@ def test_loop_equals_diffusers_tcd(prediction_type, steps, gamma):
     x, d = run_loop(ours, {"num_inference_steps": steps})
     torch.testing.assert_close(d, d_ref, atol=1e-6, rtol=0)
     torch.testing.assert_close(x, x_ref, atol=1e-6, rtol=0)
+
+
+def test_gamma_zero_is_deterministic_and_gamma_none_is_not():
+    """gamma = 0 never draws noise (the seed is irrelevant); plain LCM (None) re-noises with the generator."""
+    det = [run_loop(LCMKitScheduler(gamma=0.0), {"num_inference_steps": 4}, seed=s)[0] for s in (0, 1)]
+    assert torch.equal(det[0], det[1])
+    lcm = [run_loop(LCMKitScheduler(), {"num_inference_steps": 4}, seed=s)[0] for s in (0, 1)]
+    assert not torch.allclose(lcm[0], lcm[1])
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.5, 0.3])
