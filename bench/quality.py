@@ -28,11 +28,19 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--guidance_scale", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3, help="timed calls per method; the median is reported")
+    p.add_argument(
+        "--tcd_gamma",
+        type=float,
+        action="append",
+        default=[],
+        help="also sample each student at 2 and 4 steps with this TCD gamma (0: deterministic); repeatable",
+    )
     args = p.parse_args(argv)
     from lcm_kit import compare as C
 
     runs, _ = C.run_comparison(args.teacher, args.data_dir, args.lora_dir, args.full_dir, args.num_eval or None,
-                               args.guidance_scale, seed=args.seed, repeats=args.repeats)  # fmt: skip
+                               args.guidance_scale, seed=args.seed, repeats=args.repeats,
+                               tcd_gammas=args.tcd_gamma)  # fmt: skip
     table = C.format_table(runs, "DDIM-50")
     print(" ".join(["python", "bench/quality.py", *(argv if argv is not None else sys.argv[1:])]))
     print(table)

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 
 from .eval import feature_fid_kid, latent_mse, load_feature_net, pixel_psnr, to_unit_tensor
 from .pipeline import LCMPipeline
+from .scheduler import LCMKitScheduler
 
 TEACHER_FEW_STEP = (("ddim", 1), ("ddim", 2), ("ddim", 4), ("dpmpp", 2), ("dpmpp", 4))  # (solver, steps) rows
 
@@ -177,9 +178,10 @@ def run_comparison(
     seed: int = 0,
     repeats: int = 1,
     feature_net: torch.nn.Module | None = None,
+    tcd_gammas: Sequence[float] = (),
 ) -> tuple[list[MethodResult], list[str]]:
     """Teacher DDIM-50 (reference), its few-step samplers (:data:`TEACHER_FEW_STEP`), then each student at 1, 2 and 4
-    steps, all scored.
+    steps with plain LCM sampling (and at 2 and 4 steps with each of ``tcd_gammas``), all scored.
 
     Args:
         teacher_dir: The teacher SD folder.
@@ -193,6 +195,8 @@ def run_comparison(
         seed: Seed of the initial noise (example ``i`` uses ``seed + i``) and of the LCM re-noising.
         repeats: Timed calls per method (median reported), after one untimed warm-up call of each pipeline.
         feature_net: Feature network of FID/KID-emoji (default: the committed one, :func:`load_feature_net`).
+        tcd_gammas: Extra rows sampled with :class:`LCMKitScheduler` ``gamma`` (TCD's stochasticity; ``0`` keeps every
+            step on the trajectory of the initial noise, which is what the agreement metric measures).
     """
     teacher = StableDiffusionPipeline.from_pretrained(teacher_dir, safety_checker=None)
     teacher.set_progress_bar_config(disable=True)
@@ -214,5 +218,11 @@ def run_comparison(
         pipe.set_progress_bar_config(disable=True)
         pipe(prompts[:1], num_inference_steps=1, output_type="latent")  # warm-up
         runs += [run_lcm(pipe, name, prompts, noise, k, scale, seed, repeats) for k in (1, 2, 4)]
+        lcm_config = pipe.scheduler.config
+        for gamma in tcd_gammas:
+            pipe.scheduler = LCMKitScheduler.from_config(lcm_config, gamma=gamma)
+            label = f"{name}, TCD γ={gamma:g}"
+            runs += [run_lcm(pipe, label, prompts, noise, k, scale, seed, repeats) for k in (2, 4)]
+        pipe.scheduler = LCMKitScheduler.from_config(lcm_config)
     score(runs, runs[0], real, feature_net if feature_net is not None else load_feature_net())
     return runs, prompts

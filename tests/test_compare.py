@@ -71,11 +71,12 @@ def test_run_comparison_end_to_end(tiny_sd_dir, tiny_lcm_dir, tmp_path):
     save_lora(unet, tmp_path / "lora")
     net = EmojiFeatureNet(2, 3, feature_dim=8, resolution=16, width=8).eval()
     runs, prompts = C.run_comparison(tiny_sd_dir, tmp_path / "data", tmp_path / "lora", tiny_lcm_dir, num_eval=3,
-                                     guidance_scale=2.0, feature_net=net)  # fmt: skip
+                                     guidance_scale=2.0, feature_net=net, tcd_gammas=[0.0])  # fmt: skip
     assert len(prompts) == 3
     names = [(r.name, r.steps) for r in runs]
     label = {"ddim": "teacher DDIM", "dpmpp": "teacher DPM-Solver++"}
     assert names[:6] == [("teacher DDIM", 50)] + [(label[s], k) for s, k in C.TEACHER_FEW_STEP]
-    assert names[6:] == [(n, k) for n in ("LCM-LoRA", "LCM (full)") for k in (1, 2, 4)]
+    rows = [[(n, k) for k in (1, 2, 4)] + [(f"{n}, TCD γ=0", k) for k in (2, 4)] for n in ("LCM-LoRA", "LCM (full)")]
+    assert names[6:] == rows[0] + rows[1]
     assert all(set(r.metrics) >= {"latent_mse", "psnr_db", "fid_emoji", "kid_emoji", "speedup"} for r in runs)
     assert runs[0].metrics["latent_mse"] == 0 and runs[0].metrics["speedup"] == 1.0
