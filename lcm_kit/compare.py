@@ -41,6 +41,7 @@ class MethodResult:
         images: Decoded images ``(N, 3, H, W)`` in ``[0, 1]``.
         seconds_per_image: Wall time of sampling the whole batch (to latents) divided by ``N``.
         metrics: Filled by :func:`score`.
+        sample: Re-runs the method on the same inputs (used by :func:`time_interleaved`).
     """
 
     name: str
@@ -50,6 +51,7 @@ class MethodResult:
     images: torch.Tensor
     seconds_per_image: float
     metrics: dict[str, float] = field(default_factory=dict)
+    sample: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
 
 
 def initial_noise(n: int, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
@@ -65,6 +67,18 @@ def _timed(fn: Callable[[], torch.Tensor], repeats: int = 1) -> tuple[torch.Tens
         out = fn()
         times.append(time.perf_counter() - start)
     return out, statistics.median(times)
+
+
+def _sampler(pipe, scheduler, prompts: Sequence[str], noise: torch.Tensor, steps: int, guidance_scale: float,
+             seed: int) -> Callable[[], torch.Tensor]:  # fmt: skip
+    """A call of ``pipe`` with ``scheduler`` (set on each call: methods share a pipeline), fixed inputs -> latents."""
+
+    def sample() -> torch.Tensor:
+        pipe.scheduler = scheduler
+        return pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale, latents=noise.clone(),
+                    generator=torch.Generator().manual_seed(seed), output_type="latent").images  # fmt: skip
+
+    return sample
 
 
 @torch.no_grad()
@@ -87,32 +101,40 @@ def run_teacher(
     classes = {"ddim": DDIMScheduler, "dpmpp": DPMSolverMultistepScheduler}
     if solver not in classes:
         raise ValueError(f"solver must be one of {sorted(classes)}, got {solver!r}")
-    pipe.scheduler = classes[solver].from_config(pipe.scheduler.config)
-
-    def sample() -> torch.Tensor:
-        return pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale, latents=noise.clone(),
-                    generator=torch.Generator().manual_seed(seed), output_type="latent").images  # fmt: skip
-
+    sample = _sampler(pipe, classes[solver].from_config(pipe.scheduler.config), prompts, noise, steps, guidance_scale,
+                      seed)  # fmt: skip
     latents, seconds = _timed(sample, repeats)
     images = _decode(pipe.vae, latents)
     evals = steps * (2 if guidance_scale > 1 else 1)
     label = {"ddim": "teacher DDIM", "dpmpp": "teacher DPM-Solver++"}[solver]
-    return MethodResult(label, steps, evals, latents, images, seconds / len(prompts))
+    return MethodResult(label, steps, evals, latents, images, seconds / len(prompts), sample=sample)
 
 
 def run_lcm(
     pipe: LCMPipeline, name: str, prompts: Sequence[str], noise: torch.Tensor, steps: int, guidance_scale: float,
     seed: int = 0, repeats: int = 1,
 ) -> MethodResult:  # fmt: skip
-    """An LCM student (LoRA on the teacher UNet, or a full LCM UNet) with :class:`LCMPipeline`."""
-
-    def sample() -> torch.Tensor:
-        return pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale, latents=noise.clone(),
-                    generator=torch.Generator().manual_seed(seed), output_type="latent").images  # fmt: skip
-
+    """An LCM student (LoRA on the teacher UNet, or a full LCM UNet) with :class:`LCMPipeline` and its current
+    scheduler."""
+    sample = _sampler(pipe, pipe.scheduler, prompts, noise, steps, guidance_scale, seed)
     latents, seconds = _timed(sample, repeats)
     evals = steps * (2 if (not pipe.has_w_embedding and guidance_scale > 1) else 1)
-    return MethodResult(name, steps, evals, latents, _decode(pipe.vae, latents), seconds / len(prompts))
+    images = _decode(pipe.vae, latents)
+    return MethodResult(name, steps, evals, latents, images, seconds / len(prompts), sample=sample)
+
+
+def time_interleaved(results: Sequence[MethodResult], rounds: int, n_images: int) -> None:
+    """Re-times every method ``rounds`` times, interleaved (each round calls every method once, the order rotated
+    by one each round, so drifts in machine load spread over all methods); sets ``seconds_per_image`` to the median.
+    """
+    if rounds < 1:
+        return
+    times: list[list[float]] = [[] for _ in results]
+    for k in range(rounds):
+        for i in [(j + k) % len(results) for j in range(len(results))]:
+            times[i].append(_timed(results[i].sample)[1])
+    for r, t in zip(results, times, strict=True):
+        r.seconds_per_image = statistics.median(t) / n_images
 
 
 def score(results: list[MethodResult], reference: MethodResult, real_images: torch.Tensor, feature_net) -> None:
@@ -186,14 +208,15 @@ def run_comparison(
     Args:
         teacher_dir: The teacher SD folder.
         data_dir: Emoji dataset folder with a ``test/`` split (prompts and real images for FID/KID-emoji).
-        lora_dir: Folder with ``pytorch_lora_weights.safetensors`` (LCM-LoRA on the teacher UNet), sampled without
-            CFG (guidance is distilled into it).
+        lora_dir: Folder with ``pytorch_lora_weights.safetensors`` (LCM-LoRA on the teacher UNet), fused into the
+            UNet and sampled without CFG (guidance is distilled into it).
         full_dir: A full LCM pipeline folder (UNet with a w-embedding), sampled at ``lcm_guidance_scale``.
         num_eval: Number of held-out prompts (None: all).
         guidance_scale: Teacher CFG scale (usual convention).
         lcm_guidance_scale: Guidance of the full LCM's w-embedding (default: ``guidance_scale``).
         seed: Seed of the initial noise (example ``i`` uses ``seed + i``) and of the LCM re-noising.
-        repeats: Timed calls per method (median reported), after one untimed warm-up call of each pipeline.
+        repeats: Timing rounds (:func:`time_interleaved`: every method once per round, median reported), after one
+            untimed warm-up call of each pipeline and the scored call of each method.
         feature_net: Feature network of FID/KID-emoji (default: the committed one, :func:`load_feature_net`).
         tcd_gammas: Extra rows sampled with :class:`LCMKitScheduler` ``gamma`` (TCD's stochasticity; ``0`` keeps every
             step on the trajectory of the initial noise, which is what the agreement metric measures).
@@ -204,25 +227,27 @@ def run_comparison(
     cfg = teacher.unet.config
     noise = initial_noise(len(prompts), (cfg.in_channels, cfg.sample_size, cfg.sample_size), seed)
     teacher(prompts[:1], num_inference_steps=1, output_type="latent")  # warm-up: first calls pay one-off costs
-    runs = [run_teacher(teacher, prompts, noise, "ddim", 50, guidance_scale, seed, repeats)]
+    runs = [run_teacher(teacher, prompts, noise, "ddim", 50, guidance_scale, seed)]
     for solver, steps in TEACHER_FEW_STEP:
-        runs.append(run_teacher(teacher, prompts, noise, solver, steps, guidance_scale, seed, repeats))
+        runs.append(run_teacher(teacher, prompts, noise, solver, steps, guidance_scale, seed))
     students = []
     if lora_dir is not None:
         lora = LCMPipeline.from_pretrained(teacher_dir, safety_checker=None)
         lora.load_lora_weights(lora_dir)
+        lora.fuse_lora()  # merged into the UNet weights (same images, no per-layer adapter cost), as for deployment
         students.append(("LCM-LoRA", lora, 1.0))
     if full_dir is not None:
         students.append(("LCM (full)", LCMPipeline.from_pretrained(full_dir), lcm_guidance_scale or guidance_scale))
     for name, pipe, scale in students:
         pipe.set_progress_bar_config(disable=True)
         pipe(prompts[:1], num_inference_steps=1, output_type="latent")  # warm-up
-        runs += [run_lcm(pipe, name, prompts, noise, k, scale, seed, repeats) for k in (1, 2, 4)]
+        runs += [run_lcm(pipe, name, prompts, noise, k, scale, seed) for k in (1, 2, 4)]
         lcm_config = pipe.scheduler.config
         for gamma in tcd_gammas:
             pipe.scheduler = LCMKitScheduler.from_config(lcm_config, gamma=gamma)
             label = f"{name}, TCD γ={gamma:g}"
-            runs += [run_lcm(pipe, label, prompts, noise, k, scale, seed, repeats) for k in (2, 4)]
+            runs += [run_lcm(pipe, label, prompts, noise, k, scale, seed) for k in (2, 4)]
         pipe.scheduler = LCMKitScheduler.from_config(lcm_config)
+    time_interleaved(runs, repeats, len(prompts))
     score(runs, runs[0], real, feature_net if feature_net is not None else load_feature_net())
     return runs, prompts

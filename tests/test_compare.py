@@ -80,3 +80,19 @@ def test_run_comparison_end_to_end(tiny_sd_dir, tiny_lcm_dir, tmp_path):
     assert names[6:] == rows[0] + rows[1]
     assert all(set(r.metrics) >= {"latent_mse", "psnr_db", "fid_emoji", "kid_emoji", "speedup"} for r in runs)
     assert runs[0].metrics["latent_mse"] == 0 and runs[0].metrics["speedup"] == 1.0
+
+
+def test_time_interleaved_rotates_order_and_takes_medians(monkeypatch):
+    calls: list[str] = []
+    clock = iter(range(1000))  # perf_counter: +1 s per reading, so every call lasts exactly 1 s
+    monkeypatch.setattr(C.time, "perf_counter", lambda: float(next(clock)))
+
+    def method(name: str) -> C.MethodResult:
+        return C.MethodResult(name, 1, 1, torch.zeros(1), torch.zeros(1), 99.0, sample=lambda: calls.append(name))
+
+    runs = [method("a"), method("b"), method("c")]
+    C.time_interleaved(runs, rounds=3, n_images=4)
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert [r.seconds_per_image for r in runs] == [0.25, 0.25, 0.25]
+    C.time_interleaved(runs, rounds=0, n_images=4)  # no rounds: the times are kept
+    assert len(calls) == 9 and runs[0].seconds_per_image == 0.25
