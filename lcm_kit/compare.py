@@ -247,7 +247,6 @@ def run_comparison(
             pipe.scheduler = LCMKitScheduler.from_config(lcm_config, gamma=gamma)
             label = f"{name}, TCD γ={gamma:g}"
             runs += [run_lcm(pipe, label, prompts, noise, k, scale, seed) for k in (2, 4)]
-        pipe.scheduler = LCMKitScheduler.from_config(lcm_config)
     time_interleaved(runs, repeats, len(prompts))
     score(runs, runs[0], real, feature_net if feature_net is not None else load_feature_net())
     return runs, prompts
