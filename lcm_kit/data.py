@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 class DataConfig:
     """Where the training images come from and how they are transformed."""
 
+    _argument_group_name = "data"
+
     train_data_dir: str | None = field(
         default=None, metadata={"help": "Image folder with metadata.jsonl / metadata.csv captions (imagefolder)."}
     )

@@ -3,14 +3,13 @@ bad-input errors before training, the latent cache, dry run, and a 2-process ``a
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from test_data import make_image_folder, make_shards
 
-from lcm_kit.cli import parse_dataclasses
+from lcm_kit.distill import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train" / "distill_lora.py"
@@ -111,7 +110,7 @@ def test_full_run_loads_with_lcm_pipeline(tmp_path, tiny_sd_dir, images):
 def test_w_student_starts_equal_to_teacher(tiny_sd_dir):
     from diffusers import UNet2DConditionModel
 
-    from lcm_kit.training import call_unet, w_student_from
+    from lcm_kit.distill.networks import call_unet, w_student_from
 
     teacher = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet")
     student = w_student_from(teacher, 256)
@@ -194,9 +193,9 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, tiny_sd_dir, im
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, tiny_sd_dir, images, monkeypatch, change, match):
-    import lcm_kit.train_loop
+    import lcm_kit.distill.loop
 
-    monkeypatch.setattr(lcm_kit.train_loop, "train", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(lcm_kit.distill.loop, "train", lambda *a, **k: pytest.fail("training started"))
     argv = base_args(tiny_sd_dir, images, tmp_path / "out", 2)
     for flag, value in change.items():
         if value == "EMPTY":
@@ -234,21 +233,58 @@ def test_webdataset_shards_train(tmp_path, tiny_sd_dir, images):
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_cli_helper_types_and_defaults():
-    @dataclass(frozen=True)
-    class A:
-        """Doc."""
+def test_config_parses_every_flag_into_its_part(tiny_sd_dir, images):
+    # HfArgumentParser maps the flat flags onto the five frozen parts; prediction_type is no flag (the teacher's).
+    argv = base_args(tiny_sd_dir, images, "out", 2, "--mode", "full", "--mixed_precision", "bf16", "--lora_alpha",
+                     "8", "--num_ddim_timesteps", "25", "--center_crop", "--save_kohya", "false")  # fmt: skip
+    cfg = parse_config(argv)
+    assert (cfg.model.mode, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_scale_alpha) == ("full", 4, 8, 8)
+    assert (cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip) == (16, True, False)
+    assert (cfg.objective.objective, cfg.objective.num_ddim_timesteps, cfg.objective.w_min) == ("lcm", 25, 5.0)
+    assert (cfg.optim.mixed_precision, cfg.optim.max_train_steps, cfg.optim.seed) == ("bf16", 2, 1)
+    assert (cfg.output.output_dir, cfg.output.save_kohya, cfg.output.checkpoints_total_limit) == ("out", False, None)
+    assert parse_config(base_args(tiny_sd_dir, images, "out")).model.lora_scale_alpha == 4  # alpha defaults to rank
+    assert cfg.resolved()["num_ddim_timesteps"] == 25 and len(cfg.resolved()) == sum(
+        len(dataclasses.fields(p)) for p in (cfg.model, cfg.data, cfg.objective, cfg.optim, cfg.output)
+    )
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['--prediction_type', 'sample'\]"):
+        parse_config(base_args(tiny_sd_dir, images, "out") + ["--prediction_type", "sample"])
+    for bad in (["--mode", "both"], ["--objective", "nope"], ["--lora_rank", "x"]):
+        with pytest.raises(SystemExit):
+            parse_config(base_args(tiny_sd_dir, images, "out") + bad)
 
-        x: int = field(default=3, metadata={"help": "an int"})
-        flag: bool = field(default=False, metadata={"help": "a flag"})
-        maybe: float | None = field(default=None, metadata={"help": "optional"})
-        kind: Literal["a", "b"] = field(default="a", metadata={"help": "choice"})
 
-    assert parse_dataclasses([A], []) == (A(),)
-    assert parse_dataclasses([A], ["--x", "5", "--flag", "--maybe", "0.5", "--kind", "b"]) == (A(5, True, 0.5, "b"),)
-    assert parse_dataclasses([A], ["--flag", "false", "--maybe", "none"]) == (A(),)
-    with pytest.raises(SystemExit):
-        parse_dataclasses([A], ["--kind", "c"])
+def test_student_is_saved_and_validated_with_its_training_grid(tmp_path, tiny_sd_dir, images):
+    # A full student trained with non-default timestep_scaling / num_ddim_timesteps / sigma_data must be saved (and
+    # validated) with them: the reference is diffusers' LCMScheduler built from those values.
+    from diffusers import LCMScheduler
+
+    import lcm_kit.distill.loop as loop
+    from lcm_kit.pipeline import LCMPipeline
+
+    seen = []
+    real_grid = loop.outputs.validation_grid
+    loop.outputs.validation_grid = lambda unet, teacher, scheduler, *a: seen.append(scheduler) or real_grid(
+        unet, teacher, scheduler, *a
+    )
+    try:
+        out = tmp_path / "out"
+        argv = base_args(tiny_sd_dir, images, out, 2, "--mode", "full", "--timestep_scaling", "5",
+                         "--num_ddim_timesteps", "25", "--sigma_data", "0.4", "--validation_steps", "2")  # fmt: skip
+        assert load_script().main(argv) == 0
+    finally:
+        loop.outputs.validation_grid = real_grid
+    saved = LCMPipeline.from_pretrained(out).scheduler
+    for sched in (saved, seen[0]):
+        assert (sched.config.timestep_scaling, sched.config.original_inference_steps) == (5.0, 25)
+        assert sched.config.sigma_data == 0.4
+    ref = LCMScheduler.from_pretrained(out, subfolder="scheduler")
+    ref.set_timesteps(4)
+    saved.set_timesteps(4)
+    assert ref.config.original_inference_steps == 25 and ref.config.timestep_scaling == 5.0
+    assert saved.timesteps.tolist() == ref.timesteps.tolist() == [999, 759, 519, 279]  # k = 1000 // 25 = 40
+    card = (out / "README.md").read_text()
+    assert "original_inference_steps=25" in card and "timestep_scaling=5.0" in card and "sigma_data=0.4" in card
 
 
 @pytest.mark.slow
@@ -265,6 +301,6 @@ def test_accelerate_two_processes_agree(tmp_path, tiny_sd_dir, images):
     assert "x 2 process(es)" in (out / "README.md").read_text()  # really two data-parallel ranks
     d0, d1 = ((out / f"debug_params_rank{r}.txt").read_text() for r in (0, 1))
     assert d0 == d1  # both ranks hold identical LoRA weights
-    from lcm_kit.training import state_digest
+    from lcm_kit.distill.outputs import state_digest
 
     assert state_digest(load_file(out / "pytorch_lora_weights.safetensors")) == d0  # and that is what was saved

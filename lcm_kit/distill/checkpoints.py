@@ -1,0 +1,106 @@
+"""Checkpoints of a distillation run: accelerate state plus safetensors weights, exact resume.
+
+Layout ``<output_dir>/checkpoint-<step>/``: accelerate's ``save_state`` (optimizer, LR scheduler, RNG states,
+gradient-accumulation step) plus our hook's weights, safetensors only: ``pytorch_lora_weights.safetensors`` (lora
+mode; the base UNet is not duplicated) or ``unet/`` + ``unet_target/`` (full mode, the EMA target included), and
+``training_state.json`` (``global_step``). A checkpoint is written to ``checkpoint-<step>.tmp`` and renamed when
+complete, so ``--resume_from_checkpoint latest`` never picks a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from ..lora import LORA_WEIGHT_NAME, save_lora
+from .networks import Networks
+
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def register_hooks(accelerator, nets: Networks) -> None:
+    """Save/load hooks: our safetensors weights replace accelerate's full-model dump (see module docstring)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    def save_hook(models, weights, output_dir):
+        student = accelerator.unwrap_model(nets.student)
+        if accelerator.is_main_process:
+            if nets.target is None:
+                save_lora(student, output_dir)
+            else:
+                student.save_pretrained(os.path.join(output_dir, "unet"))
+                nets.target.save_pretrained(os.path.join(output_dir, "unet_target"))
+        while weights:
+            weights.pop()
+
+    def load_hook(models, input_dir):
+        student = accelerator.unwrap_model(nets.student)
+        while models:
+            models.pop()
+        if nets.target is None:
+            state = load_file(os.path.join(input_dir, LORA_WEIGHT_NAME))
+            result = set_peft_model_state_dict(student, {k.removeprefix("unet."): v for k, v in state.items()})
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"checkpoint LoRA keys do not match the model: {result.unexpected_keys[:5]}")
+        else:
+            for module, sub in ((student, "unet"), (nets.target, "unet_target")):
+                sd = load_file(os.path.join(input_dir, sub, "diffusion_pytorch_model.safetensors"))
+                module.load_state_dict(sd)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first."""
+    root = Path(output_dir)
+    found = [p for p in root.iterdir() if p.is_dir() and _CKPT.match(p.name)] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(_CKPT.match(p.name).group(1)))
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None) -> Path:
+    """Saves ``checkpoint-<step>`` on all processes (temp dir + rename on the main one), prunes to ``total_limit``."""
+    final = Path(output_dir) / f"checkpoint-{step}"
+    tmp = Path(output_dir) / f"checkpoint-{step}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "training_state.json").write_text(json.dumps({"global_step": step}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        old = list_checkpoints(output_dir)
+        for path in old[: max(0, len(old) - total_limit)] if total_limit else []:
+            shutil.rmtree(path)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_resume(output_dir: str, resume: str | None) -> Path | None:
+    """``None`` / ``"latest"`` (newest complete checkpoint, or none yet) / a path -> the checkpoint to load.
+
+    Raises:
+        ValueError: an explicit path that is not a checkpoint folder.
+    """
+    if not resume:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "training_state.json").is_file():
+        raise ValueError(f"resume_from_checkpoint {resume!r} is not a checkpoint folder (no training_state.json)")
+    return path
+
+
+def load_checkpoint(accelerator, path: Path) -> int:
+    """Loads accelerate state + weights from ``path``; returns its ``global_step``."""
+    accelerator.load_state(str(path))
+    return int(json.loads((path / "training_state.json").read_text())["global_step"])

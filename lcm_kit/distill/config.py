@@ -1,0 +1,192 @@
+"""The run config of a distillation: one frozen dataclass tree, parsed once from the command line.
+
+    RunConfig
+      model      ModelConfig      teacher folder, lora / full layout, LoRA rank, w-embedding width, EMA decay
+      data       DataConfig       image folder / hub dataset / webdataset shards, transforms, latent cache
+      objective  ObjectiveConfig  which loss (``lcm``) and its hyper-parameters (solver grid, w range, distance)
+      optim      OptimConfig      batch, steps, AdamW, LR schedule, clipping, precision, seed
+      output     OutputConfig     output folder, checkpoints, validation, tracker, kohya file
+
+Every flag of ``train/distill_lora.py`` is one field here (``transformers.HfArgumentParser`` maps them); each
+config validates itself in ``__post_init__``, so a bad value raises ``ValueError`` before any model is loaded. The
+modules of :mod:`lcm_kit.distill` receive the one sub-config they need, passed explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from transformers import HfArgumentParser
+
+from ..data import DataConfig
+from ..loss import DistillLossConfig
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_NOT_FLAGS = ("prediction_type",)  # read from the teacher's scheduler config, never from the command line
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Teacher and student networks."""
+
+    _argument_group_name = "model"
+
+    pretrained_teacher_model: str = field(metadata={"help": "Teacher SD folder (or hub id) in diffusers format."})
+    mode: Literal["lora", "full"] = field(default="lora", metadata={"help": "lora: LCM-LoRA; full: LCM UNet + EMA."})
+    lora_rank: int = field(default=64, metadata={"help": "LoRA rank (LCM-LoRA SD1.5: 64)."})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha; None = rank (scale 1)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    time_cond_proj_dim: int = field(default=256, metadata={"help": "full: guidance-embedding width (LCM: 256)."})
+    ema_decay: float = field(default=0.95, metadata={"help": "full: EMA decay of the target network (LCM: 0.95)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for UNet memory."})
+
+    def __post_init__(self):
+        p = self.pretrained_teacher_model
+        _need(Path(p).is_dir() or (not os.path.exists(p) and _HUB_ID.match(p) and not p.startswith((".", "/"))),
+              f"teacher folder {p!r} not found (a local diffusers folder or a hub id 'org/name')")  # fmt: skip
+        _need(not Path(p).is_dir() or (Path(p) / "unet").is_dir(), f"teacher folder {p!r} has no unet/ subfolder")
+        _need(self.lora_rank > 0, f"lora_rank must be > 0, got {self.lora_rank}")
+        _need(self.time_cond_proj_dim > 0, f"time_cond_proj_dim must be > 0, got {self.time_cond_proj_dim}")
+        _need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+    @property
+    def lora_scale_alpha(self) -> float:
+        """The LoRA alpha actually used (``lora_alpha``, or the rank when unset)."""
+        return self.lora_rank if self.lora_alpha is None else self.lora_alpha
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig(DistillLossConfig):
+    """The training objective and its hyper-parameters (see :mod:`lcm_kit.distill.objectives`)."""
+
+    _argument_group_name = "objective"
+
+    objective: Literal["lcm"] = field(
+        default="lcm", metadata={"help": "lcm: latent consistency distillation (LCM, arXiv 2310.04378, Alg. 1)."}
+    )
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Batching, optimizer, LR schedule, precision and seed."""
+
+    _argument_group_name = "optimisation"
+
+    train_batch_size: int = field(default=16, metadata={"help": "Batch size per process (diffusers: 16)."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    max_train_steps: int = field(default=1000, metadata={"help": "Optimizer steps to train."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (diffusers: 1e-4)."})
+    lr_scheduler: str = field(default="constant", metadata={"help": "diffusers.optimization.get_scheduler name."})
+    lr_warmup_steps: int = field(default=500, metadata={"help": "LR warm-up steps (diffusers: 500)."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    adam_weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay (diffusers: 1e-2)."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    use_8bit_adam: bool = field(default=False, metadata={"help": "bitsandbytes AdamW8bit (needs bitsandbytes)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (diffusers: 1.0)."})
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
+        default=None, metadata={"help": "no/fp16/bf16; None = accelerate's config (frozen weights in this dtype)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of data order, augmentation, noise, w and timesteps."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+
+    def __post_init__(self):
+        for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
+            _need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        _need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        _need(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.use_8bit_adam:
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError as err:
+                raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from err
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Output folder, checkpoints, validation grids, tracker and test hooks."""
+
+    _argument_group_name = "output"
+
+    output_dir: str = field(default="lcm-distill-out", metadata={"help": "Where outputs and checkpoints go."})
+    checkpointing_steps: int = field(default=500, metadata={"help": "Save a checkpoint every N steps (0: never)."})
+    checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep at most N checkpoints."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint path."})
+    report_to: Literal["tensorboard", "none"] = field(default="tensorboard", metadata={"help": "Tracker."})
+    validation_steps: int = field(default=200, metadata={"help": "Validation grid every N steps (0: never)."})
+    validation_prompts: str = field(
+        default="a photo of a cat|an astronaut riding a horse",
+        metadata={"help": "'|'-separated validation prompts (grid rows; columns 1/2/4 steps)."},
+    )
+    save_kohya: bool = field(default=False, metadata={"help": "lora: also write the kohya-format file."})
+    dry_run: bool = field(default=False, metadata={"help": "Validate, load models and one batch, train nothing."})
+    debug_nan_at_step: int | None = field(default=None, metadata={"help": "Test hook: inf data at this step."})
+    debug_param_digest: bool = field(default=False, metadata={"help": "Test hook: each rank writes a digest."})
+
+    def __post_init__(self):
+        _need(self.checkpoints_total_limit is None or self.checkpoints_total_limit > 0,
+              f"checkpoints_total_limit must be > 0, got {self.checkpoints_total_limit}")  # fmt: skip
+
+    @property
+    def prompts(self) -> list[str]:
+        """The validation prompts as a list."""
+        return [p.strip() for p in self.validation_prompts.split("|") if p.strip()]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a distillation run needs, one sub-config per stage of the data flow (module docstring)."""
+
+    model: ModelConfig
+    data: DataConfig
+    objective: ObjectiveConfig
+    optim: OptimConfig
+    output: OutputConfig
+
+    def resolved(self) -> dict[str, Any]:
+        """All fields flat, as written to ``training_config.json`` (flag name -> value)."""
+        return {k: v for part in (self.model, self.data, self.objective, self.optim, self.output)
+                for k, v in asdict(part).items()}  # fmt: skip
+
+    def with_prediction_type(self, prediction_type: str) -> RunConfig:
+        """The same config with the teacher's parameterisation in the objective."""
+        return replace(self, objective=replace(self.objective, prediction_type=prediction_type))
+
+
+class _Parser(HfArgumentParser):
+    """``HfArgumentParser`` that leaves :data:`_NOT_FLAGS` off the command line (they keep their defaults)."""
+
+    @staticmethod
+    def _parse_dataclass_field(parser, field):
+        if field.name in _NOT_FLAGS:
+            parser.set_defaults(**{field.name: field.default})
+        else:
+            HfArgumentParser._parse_dataclass_field(parser, field)
+
+
+PARTS = (ModelConfig, DataConfig, ObjectiveConfig, OptimConfig, OutputConfig)
+
+
+def parse_config(argv: Sequence[str] | None = None, description: str | None = None) -> RunConfig:
+    """Command line -> a validated :class:`RunConfig` (``argv=None`` reads ``sys.argv``).
+
+    Raises:
+        ValueError: an unknown flag, or a value that a config's validation rejects (argparse exits on a bad type or
+            choice).
+    """
+    parser = _Parser(PARTS, description=description)
+    *parts, unknown = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None,
+                                                        return_remaining_strings=True)  # fmt: skip
+    if unknown:
+        raise ValueError(f"unknown argument(s) {unknown}; `python train/distill_lora.py --help` lists the flags")
+    return RunConfig(*parts)

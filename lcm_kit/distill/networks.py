@@ -1,0 +1,188 @@
+"""The networks of a distillation: the frozen teacher, the student and the target, in two layouts.
+
+* ``lora`` -- one UNet: the teacher's own UNet with an LCM-LoRA adapter (:func:`lcm_kit.lora.add_lcm_lora`). The
+  teacher is that UNet inside :func:`lcm_kit.lora.teacher_mode` (cond + uncond batched in one call); the target is
+  the same UNet with its adapter, without gradients (no EMA), as diffusers' LCM-LoRA scripts.
+* ``full`` -- a student UNet with a guidance-scale embedding (``time_cond_proj_dim``) initialised from the teacher
+  (the new ``time_embedding.cond_proj`` is zero, so the student starts equal to the teacher), a frozen teacher
+  UNet, and an EMA copy of the student as the target network (LCM paper, Algorithm 1).
+
+:meth:`Networks.callables` turns them into the three plain functions an objective calls (:class:`ModelFns`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+from .. import functional as F
+from ..latent_cache import encode_posterior, encode_prompts
+from ..lora import add_lcm_lora, teacher_mode
+from ..scheduler import LCMKitScheduler
+from .config import ModelConfig
+
+
+@dataclass
+class Teacher:
+    """The frozen parts of the teacher SD pipeline and its noise schedule."""
+
+    path: str
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    scheduler: LCMKitScheduler  # the teacher's noise schedule, LCM defaults elsewhere
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """``(num_train_timesteps,)`` float32 noise table of the teacher."""
+        return self.scheduler.alphas_cumprod
+
+    @property
+    def prediction_type(self) -> str:
+        """The teacher's parameterisation (``epsilon``, ``v_prediction`` or ``sample``)."""
+        return self.scheduler.config.prediction_type
+
+    @torch.no_grad()
+    def latents_and_embeds(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(latents (B,C,h,w) times scaling_factor, prompt_embeds (B,L,D))`` from a cached or a pixel batch.
+
+        Both paths draw ``mean + std * eps`` from the VAE posterior with ``generator`` (``latent_dist.sample()``).
+        """
+        device = self.vae.device
+        if "latent_mean" in batch:
+            mean, std, embeds = batch["latent_mean"], batch["latent_std"], batch["prompt_embeds"]
+        else:
+            mean, std = encode_posterior(self.vae, batch["pixel_values"])
+            embeds = encode_prompts(self.tokenizer, self.text_encoder, list(batch["caption"]))
+        eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device, mean.dtype)
+        return (mean + std * eps).float().to(device), embeds.to(device)
+
+
+def weight_dtype_for(mixed_precision: str) -> torch.dtype:
+    """The dtype of frozen weights: fp16 / bf16 under mixed precision, else fp32 (trainable params stay fp32)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def load_teacher(path: str, device: torch.device, weight_dtype: torch.dtype) -> Teacher:
+    """Loads tokenizer, text encoder (``weight_dtype``), VAE (fp32, as diffusers' SD scripts), UNet (fp32) and the
+    noise schedule (``LCMKitScheduler.from_config`` of the folder's scheduler: same betas and prediction type).
+
+    Raises:
+        ValueError: if the teacher UNet already has a guidance embedding (distill from a plain SD UNet).
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    scheduler = LCMKitScheduler.from_config(LCMKitScheduler.load_config(path, subfolder="scheduler"))
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+    if unet.config.time_cond_proj_dim is not None:
+        raise ValueError(f"teacher UNet at {path!r} already has a guidance embedding; distill from a plain SD UNet")
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+    for m in (text_encoder, vae):
+        m.requires_grad_(False).eval()
+    return Teacher(
+        path=path,
+        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+        text_encoder=text_encoder.to(device, weight_dtype),
+        vae=vae.to(device),
+        unet=unet.to(device),
+        scheduler=scheduler,
+    )
+
+
+class ModelFns(NamedTuple):
+    """The three callables of an objective (shapes: ``z (B,C,H,W)``, ``t (B,)`` long, ``w (B,)``).
+
+    ``student(z, t, w)`` and ``target(z, t, w)`` return the raw conditional output; ``teacher(z, t)`` returns the
+    raw ``(cond, uncond)`` outputs. The objective calls ``teacher`` and ``target`` under ``no_grad``.
+    """
+
+    student: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    teacher: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    target: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def call_unet(unet, z, t, embeds, w=None, w_dim=None, dtype=torch.float32) -> torch.Tensor:
+    """Raw UNet output for ``z (B,C,H,W)``, ``t (B,)``, text ``embeds (B,L,D)`` and, with ``w_dim``, ``w (B,)``."""
+    cond = F.guidance_scale_embedding(w, w_dim).to(dtype) if w_dim else None
+    return unet(z.to(dtype), t, encoder_hidden_states=embeds.to(dtype), timestep_cond=cond).sample
+
+
+@dataclass
+class Networks:
+    """What the step trains and calls. ``teacher``/``target`` are ``None`` in LoRA mode (the student serves)."""
+
+    student: torch.nn.Module
+    teacher: torch.nn.Module | None
+    target: torch.nn.Module | None
+    params: list[torch.nn.Parameter]  # trainable parameters, held in a list (clip_grad_norm_ must see them all)
+    w_dim: int | None  # width of the student's guidance embedding (full mode), None for LoRA
+    weight_dtype: torch.dtype  # dtype of the frozen weights
+
+    def sampling_unet(self, base: torch.nn.Module) -> torch.nn.Module:
+        """The UNet that is saved and validated: the EMA target (full), or the adapted UNet ``base`` (LoRA)."""
+        return self.target if self.target is not None else base
+
+    def callables(self, base: torch.nn.Module, embeds: torch.Tensor, uncond: torch.Tensor) -> ModelFns:
+        """:class:`ModelFns` for text ``embeds (B,L,D)``; ``base`` is the unwrapped student (no DDP for no-grad)."""
+        dtype = self.weight_dtype
+        s_dtype = dtype if self.teacher is None else torch.float32
+
+        def student(z, t, w):
+            return call_unet(self.student, z, t, embeds, w, self.w_dim, s_dtype)
+
+        def teacher(z, t):  # cond and uncond batched in one UNet call
+            z2, t2, e2 = torch.cat([z, z]), torch.cat([t, t]), torch.cat([embeds, uncond.expand_as(embeds)])
+            if self.teacher is None:
+                with teacher_mode(base):
+                    out = call_unet(base, z2, t2, e2, dtype=dtype)
+            else:
+                out = call_unet(self.teacher, z2, t2, e2, dtype=dtype)
+            return out.chunk(2)
+
+        def target(z, t, w):
+            return call_unet(self.sampling_unet(base), z, t, embeds, w, self.w_dim, s_dtype)
+
+        return ModelFns(student, teacher, target)
+
+
+def w_student_from(teacher_unet: torch.nn.Module, time_cond_proj_dim: int) -> torch.nn.Module:
+    """A UNet with a guidance embedding, weights copied from the teacher, ``cond_proj`` zero (student == teacher)."""
+    from diffusers import UNet2DConditionModel
+
+    config = {**teacher_unet.config, "time_cond_proj_dim": time_cond_proj_dim}
+    student = UNet2DConditionModel.from_config(config).to(teacher_unet.device)
+    missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
+    assert not unexpected and set(missing) == {"time_embedding.cond_proj.weight"}, (missing, unexpected)
+    torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    return student.train()
+
+
+def build_networks(config: ModelConfig, teacher: Teacher, weight_dtype: torch.dtype) -> Networks:
+    """The ``lora`` or ``full`` layout of ``config.mode`` (module docstring); full mode replaces ``teacher.unet``
+    with its frozen ``weight_dtype`` copy."""
+    unet = teacher.unet
+    if config.mode == "lora":
+        unet.to(dtype=weight_dtype)
+        add_lcm_lora(unet, config.lora_rank, config.lora_alpha, config.lora_dropout)
+        unet.train()
+        return Networks(unet, None, None, [p for p in unet.parameters() if p.requires_grad], None, weight_dtype)
+    student = w_student_from(unet, config.time_cond_proj_dim)
+    target = copy.deepcopy(student).requires_grad_(False).eval()  # EMA target, fp32 like the student
+    frozen = unet.requires_grad_(False).eval().to(dtype=weight_dtype)
+    teacher.unet = frozen
+    params = [p for p in student.parameters() if p.requires_grad]
+    return Networks(student, frozen, target, params, config.time_cond_proj_dim, weight_dtype)
+
+
+@torch.no_grad()
+def update_ema(target: torch.nn.Module, source: torch.nn.Module, decay: float) -> None:
+    """``theta^- <- decay * theta^- + (1 - decay) * theta`` (LCM Algorithm 1, last line)."""
+    for t, s in zip(target.parameters(), source.parameters(), strict=True):
+        t.mul_(decay).add_(s.detach().to(t.dtype), alpha=1 - decay)

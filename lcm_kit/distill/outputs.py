@@ -1,0 +1,181 @@
+"""What a distillation run writes: the resolved config, the student's scheduler, the final weights (LoRA + kohya,
+or a full ``LCMPipeline`` folder), the model card and validation grids.
+
+:func:`student_scheduler` is the one place where the training settings become sampler settings (the solver grid
+``original_inference_steps``, ``timestep_scaling``, ``sigma_data``): validation, the saved pipeline and the model
+card all take it from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..lora import save_lora
+from ..scheduler import LCMKitScheduler
+from .config import RunConfig
+from .networks import Networks, Teacher
+from .objectives import Objective
+
+SAMPLER_KEYS = ("original_inference_steps", "timestep_scaling", "sigma_data", "prediction_type")
+
+
+def student_scheduler(teacher: Teacher, objective: Objective) -> LCMKitScheduler:
+    """The scheduler the trained student samples with: the teacher's noise schedule plus the objective's grid and
+    boundary scalings (:meth:`Objective.scheduler_overrides`)."""
+    return LCMKitScheduler.from_config(teacher.scheduler.config, **objective.scheduler_overrides())
+
+
+def check_writable(output_dir: str) -> None:
+    """Creates ``output_dir`` and probes it with a file; ``ValueError`` if it cannot be written."""
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        probe = Path(output_dir) / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"output_dir {output_dir!r} is not writable: {err}") from err
+
+
+def write_config(config: RunConfig) -> Path:
+    """Dumps the resolved config (every flag, the teacher's ``prediction_type`` included) to training_config.json."""
+    path = Path(config.output.output_dir) / "training_config.json"
+    path.write_text(json.dumps(config.resolved(), indent=2))
+    return path
+
+
+def save_final(nets: Networks, student: torch.nn.Module, teacher: Teacher, scheduler: LCMKitScheduler,
+               output_dir: str, save_kohya: bool) -> list[Path]:  # fmt: skip
+    """LoRA: ``pytorch_lora_weights.safetensors`` (+ kohya). Full: an ``LCMPipeline`` folder with the EMA UNet and
+    ``scheduler`` (``unet_online/`` holds the online student). ``student`` is the unwrapped student."""
+    if nets.target is None:
+        return save_lora(student, output_dir, kohya=save_kohya)
+    from ..pipeline import LCMPipeline
+
+    pipe = LCMPipeline(  # training is over: the text encoder goes back to fp32 (it ran in the mixed dtype)
+        vae=teacher.vae, text_encoder=teacher.text_encoder.to(torch.float32), tokenizer=teacher.tokenizer,
+        unet=nets.target, scheduler=scheduler,
+    )  # fmt: skip
+    pipe.save_pretrained(output_dir)
+    student.save_pretrained(os.path.join(output_dir, "unet_online"))
+    return [Path(output_dir) / "model_index.json"]
+
+
+MODEL_CARD = """---
+library_name: diffusers
+tags: [lcm, latent-consistency-model, {tag}, lcm_kit]
+base_model: {teacher}
+---
+# {title}
+
+Distilled with `lcm_kit` (`train/distill_lora.py --mode {mode} --objective {objective}`) from the teacher
+`{teacher}`: {steps} optimizer steps, batch {batch} x {accum} accumulation x {procs} process(es), lr {lr},
+w ~ U[{w_min}, {w_max}] (LCM convention, w = guidance_scale - 1), {ddim} DDIM solver steps, {loss} loss{extra}.
+The resolved training config is `training_config.json`.
+
+Sample it with `LCMKitScheduler` (or diffusers' `LCMScheduler`) set to {sampler}: the values it was trained with.
+
+## Use
+{usage}
+"""
+
+LORA_USAGE = """Stock diffusers (an LCM-LoRA has no guidance embedding: guidance_scale 1-2):
+```python
+from diffusers import LCMScheduler, StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained("{teacher}")
+pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, {kwargs})
+pipe.load_lora_weights("{out}")
+image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale=1.0).images[0]
+```
+lcm_kit:
+```python
+from lcm_kit import LCMKitScheduler, LCMPipeline
+pipe = LCMPipeline.from_pretrained("{teacher}")
+pipe.scheduler = LCMKitScheduler.from_config(pipe.scheduler.config, {kwargs})
+pipe.load_lora_weights("{out}")
+image = pipe("a photo of a cat", num_inference_steps=4).images[0]
+```"""
+
+FULL_USAGE = """A full pipeline folder (the UNet is the EMA target network; `unet_online/` is the online student);
+its `scheduler/` already holds the sampler settings above:
+```python
+from lcm_kit.pipeline import LCMPipeline
+pipe = LCMPipeline.from_pretrained("{out}")
+image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale=8.5).images[0]
+```
+Stock diffusers: `LatentConsistencyModelPipeline.from_pretrained("{out}")`."""
+
+
+def write_model_card(config: RunConfig, scheduler: LCMKitScheduler, steps: int, procs: int) -> Path:
+    """A short ``README.md``: teacher, settings, the sampler settings of ``scheduler``, how to load the result."""
+    m, o, opt = config.model, config.objective, config.optim
+    lora = m.mode == "lora"
+    extra = f", LoRA rank {m.lora_rank} alpha {m.lora_scale_alpha}" if lora else (
+        f", EMA decay {m.ema_decay}, w-embedding {m.time_cond_proj_dim}"
+    )  # fmt: skip
+    sampler = {k: scheduler.config[k] for k in SAMPLER_KEYS}
+    kwargs = ", ".join(f"{k}={v!r}" for k, v in sampler.items())
+    usage = (LORA_USAGE if lora else FULL_USAGE).format(teacher=m.pretrained_teacher_model,
+                                                       out=config.output.output_dir, kwargs=kwargs)  # fmt: skip
+    text = MODEL_CARD.format(
+        tag="lora" if lora else "full", title="LCM-LoRA" if lora else "Latent Consistency Model", mode=m.mode,
+        objective=o.objective, teacher=m.pretrained_teacher_model, steps=steps, batch=opt.train_batch_size,
+        accum=opt.gradient_accumulation_steps, procs=procs, lr=opt.learning_rate, w_min=o.w_min, w_max=o.w_max,
+        ddim=o.num_ddim_timesteps, loss=o.loss_type, extra=extra, sampler=f"`{kwargs}`", usage=usage,
+    )  # fmt: skip
+    path = Path(config.output.output_dir) / "README.md"
+    path.write_text(text)
+    return path
+
+
+@torch.no_grad()
+def validation_grid(unet: torch.nn.Module, teacher: Teacher, scheduler: LCMKitScheduler, prompts: list[str],
+                    seed: int, autocast, step_counts=(1, 2, 4)):  # fmt: skip
+    """Samples of ``unet`` (rows: prompts, columns: 1/2/4 steps, fixed seeds) as one PIL grid, via ``LCMPipeline``.
+
+    Runs inside ``torch.random.fork_rng`` so the training RNG streams are untouched (resume stays exact);
+    ``autocast`` is the accelerator's context (components may mix fp32 and bf16/fp16).
+    """
+    from PIL import Image
+
+    from ..pipeline import LCMPipeline
+
+    was_training = unet.training
+    pipe = LCMPipeline(vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
+                       unet=unet.eval(), scheduler=scheduler)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    with torch.random.fork_rng(devices=[]), autocast():
+        for i, prompt in enumerate(prompts):
+            for n in step_counts:
+                gen = torch.Generator().manual_seed(seed + i)
+                images.append(pipe(prompt, num_inference_steps=n, generator=gen, output_type="pil").images[0])
+    unet.train(was_training)
+    w, h = images[0].size
+    grid = Image.new("RGB", (w * len(step_counts), h * len(prompts)))
+    for k, img in enumerate(images):
+        grid.paste(img, ((k % len(step_counts)) * w, (k // len(step_counts)) * h))
+    return grid
+
+
+def write_debug_digest(student: torch.nn.Module, config: RunConfig, rank: int) -> Path:
+    """Test hook: each rank writes the digest of its trained weights (LoRA tensors or the full student)."""
+    from ..lora import lora_state_dict
+
+    state = lora_state_dict(student) if config.model.mode == "lora" else student.state_dict()
+    path = Path(config.output.output_dir, f"debug_params_rank{rank}.txt")
+    path.write_text(state_digest(state))
+    return path
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over sorted keys and float32 bytes of a state dict (to compare ranks / runs / saved files)."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,64 @@
+"""What the loop is built from, before any step: the accelerator, the data loader and the optimizer."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import OptimConfig, RunConfig
+from .networks import Teacher
+
+
+def make_accelerator(config: RunConfig):
+    """Accelerator with manual LR stepping, accumulation not synced to epoch ends (exact resume), tracker."""
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
+
+    optim, out = config.optim, config.output
+    return Accelerator(
+        mixed_precision=optim.mixed_precision,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=optim.gradient_accumulation_steps, sync_with_dataloader=False
+        ),
+        log_with=None if out.report_to == "none" else out.report_to,
+        project_config=ProjectConfiguration(project_dir=out.output_dir, logging_dir=f"{out.output_dir}/logs"),
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def build_data(config: RunConfig, teacher: Teacher, accelerator) -> tuple[torch.utils.data.DataLoader, int, int]:
+    """Dataset (cached latents with ``--cache_dir``, else images) + loader + sampler; ``(loader, n, skipped)``."""
+    from ..data import CachedLatentDataset, EpochSampler, build_dataset, open_source
+    from ..latent_cache import cached_latents
+
+    data, seed = config.data, config.optim.seed
+    if data.cache_dir:
+        source = open_source(data)
+        with accelerator.main_process_first():
+            tensors, skipped, _ = cached_latents(data, teacher.path, source, teacher.vae, teacher.text_encoder,
+                                                 teacher.tokenizer)  # fmt: skip
+        ds = CachedLatentDataset(tensors, data.random_flip, seed)
+    else:
+        ds, skipped = build_dataset(data, seed)
+    if skipped and accelerator.is_main_process:
+        print(f"[data] skipped {skipped} unreadable image(s) / missing caption(s); training on {len(ds)}")
+    sampler = EpochSampler(len(ds), seed)
+    loader = torch.utils.data.DataLoader(ds, batch_size=config.optim.train_batch_size, sampler=sampler,
+                                         num_workers=config.optim.dataloader_num_workers)  # fmt: skip
+    return loader, len(ds), skipped
+
+
+def make_optimizer(optim: OptimConfig, params: list[torch.nn.Parameter]):
+    """AdamW (or 8-bit AdamW) and the LR schedule, stepped once per optimizer step."""
+    from diffusers.optimization import get_scheduler
+
+    if optim.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        opt_cls = bnb.optim.AdamW8bit
+    else:
+        opt_cls = torch.optim.AdamW
+    opt = opt_cls(params, lr=optim.learning_rate, betas=(optim.adam_beta1, optim.adam_beta2),
+                  weight_decay=optim.adam_weight_decay, eps=optim.adam_epsilon)  # fmt: skip
+    sched = get_scheduler(optim.lr_scheduler, opt, num_warmup_steps=optim.lr_warmup_steps,
+                          num_training_steps=optim.max_train_steps)  # fmt: skip
+    return opt, sched
