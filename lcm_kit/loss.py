@@ -20,19 +20,21 @@ from typing import Literal
 
 import torch
 
-from .functional import PREDICTION_TYPES, boundary_scalings, cfg_combine, consistency_output, diffuse, predict_x0_eps
-from .schedules import alpha_sigma, skipping_step_timesteps
+from .functional import PREDICTION_TYPES, boundary_scalings, consistency_output, predict_x0_eps
+from .solver import SolverPoints, TeacherFn, guided_solver_step, solver_points, solver_timesteps
 
 __all__ = [
     "DistillLossConfig",
     "DistillLossOutput",
+    "SolverPoints",
     "consistency_distillation_loss",
     "distillation_distance",
+    "guided_solver_step",
+    "solver_points",
     "solver_timesteps",
 ]
 
 StudentFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-TeacherFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 TargetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 LOSS_TYPES = ("huber", "l2")
@@ -124,31 +126,6 @@ class DistillLossOutput:
     target: torch.Tensor
 
 
-def solver_timesteps(
-    index: torch.Tensor, num_train_timesteps: int, num_ddim_timesteps: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(t_start, t_end) = (grid[index], grid[index - 1])`` on the skipping-step grid (LCM Sec. 4.3).
-
-    ``grid = [k-1, 2k-1, ..., N*k-1]`` with ``k = num_train_timesteps // N``. At ``index = 0`` there is no previous
-    grid point; as diffusers' ``DDIMSolver`` (``ddim_alpha_cumprods_prev[0] = alphas_cumprod[0]``, target timestep
-    clamped to 0) ``t_end = 0``: the teacher steps to ``alphas_cumprod[0]`` and the target is the boundary
-    ``f(z, 0) = z`` (``c_skip(0) = 1, c_out(0) = 0``).
-
-    Args:
-        index: ``(B,)`` long grid indices in ``[0, num_ddim_timesteps)``.
-        num_train_timesteps: Length of the teacher's ``alphas_cumprod``.
-        num_ddim_timesteps: Points ``N`` of the grid.
-
-    Returns:
-        ``(t_start, t_end)``, each ``(B,)`` long on ``index.device``.
-    """
-    grid = torch.from_numpy(skipping_step_timesteps(num_train_timesteps, num_ddim_timesteps)).to(index.device)
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= num_ddim_timesteps):
-        raise ValueError(f"index must lie in [0, {num_ddim_timesteps}), got {index.tolist()}")
-    prev = torch.cat([grid.new_zeros(1), grid[:-1]])
-    return grid[index], prev[index]
-
-
 def distillation_distance(a: torch.Tensor, b: torch.Tensor, loss_type: str = "huber", huber_c: float = 0.001):
     """Element-wise distance ``d(a, b)`` of LCM Eq. 10: pseudo-Huber ``sqrt((a-b)^2 + c^2) - c`` or ``(a-b)^2``.
 
@@ -163,37 +140,6 @@ def distillation_distance(a: torch.Tensor, b: torch.Tensor, loss_type: str = "hu
     if loss_type == "l2":
         return diff**2
     raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-
-
-def _draws(
-    latents: torch.Tensor,
-    config: DistillLossConfig,
-    noise: torch.Tensor | None,
-    index: torch.Tensor | None,
-    w: torch.Tensor | None,
-    generator: torch.Generator | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draws (in this order) ``index ~ U{0..N-1}``, ``w ~ U[w_min, w_max]``, ``noise ~ N(0, I)`` unless given.
-
-    With a ``generator`` the draws happen on its device and move to ``latents.device`` (a CPU generator gives the same
-    batch on any device); without one they use the global RNG of ``latents.device``.
-    """
-    bsz, device, dtype = latents.shape[0], latents.device, latents.dtype
-    gen_device = generator.device if generator is not None else device
-    if index is None:
-        index = torch.randint(0, config.num_ddim_timesteps, (bsz,), generator=generator, device=gen_device)
-    if w is None:
-        u = torch.rand((bsz,), generator=generator, device=gen_device, dtype=torch.float32)
-        w = config.w_min + (config.w_max - config.w_min) * u
-    if noise is None:
-        noise = torch.randn(latents.shape, generator=generator, device=gen_device, dtype=torch.float32)
-    index, w, noise = index.to(device=device, dtype=torch.long), w.to(device, dtype), noise.to(device, dtype)
-    if index.shape != (bsz,) or w.shape != (bsz,) or noise.shape != latents.shape:
-        raise ValueError(
-            f"expected index and w of shape ({bsz},) and noise of shape {tuple(latents.shape)}, got "
-            f"{tuple(index.shape)}, {tuple(w.shape)}, {tuple(noise.shape)}"
-        )
-    return noise, index, w
 
 
 def consistency_distillation_loss(
@@ -232,37 +178,28 @@ def consistency_distillation_loss(
         A :class:`DistillLossOutput`. The math runs in float32 (or float64 for float64 inputs); model outputs are
         cast to that dtype, so the callables may run the UNet in half precision.
     """
-    num_train = alphas_cumprod.shape[0]
-    if config.num_ddim_timesteps > num_train:
-        raise ValueError(f"num_ddim_timesteps ({config.num_ddim_timesteps}) exceeds num_train_timesteps ({num_train})")
-    dtype = torch.promote_types(latents.dtype, torch.float32)
-    x0 = latents.to(dtype)  # (B, C, H, W)
-    noise, index, w = _draws(x0, config, noise, index, w, generator)
-    t_start, t_end = solver_timesteps(index, num_train, config.num_ddim_timesteps)  # (B,), (B,)
-    table = alphas_cumprod.to(device=x0.device, dtype=dtype)
-    a_start, s_start = alpha_sigma(table, t_start)  # (B,)
-    a_end, s_end = alpha_sigma(table, t_end)  # (B,)
-    z = diffuse(x0, noise, a_start, s_start)  # z_{t_{n+k}}, LCM Eq. 1
+    p = solver_points(latents, alphas_cumprod, config, noise=noise, index=index, w=w, generator=generator)
+    a_start, s_start = p.alpha_sigma(p.t_start)  # (B,)
+    a_end, s_end = p.alpha_sigma(p.t_end)  # (B,)
+    z = p.z
 
     scalings = dict(sigma_data=config.sigma_data, timestep_scaling=config.timestep_scaling)
-    pred_x0, _ = predict_x0_eps(student(z, t_start, w).to(dtype), z, a_start, s_start, config.prediction_type)
-    denoised = consistency_output(z, pred_x0, *boundary_scalings(t_start.to(dtype), **scalings))  # f_theta, LCM Eq. 9
+    pred_x0, _ = predict_x0_eps(student(z, p.t_start, p.w).to(p.dtype), z, a_start, s_start, config.prediction_type)
+    denoised = consistency_output(z, pred_x0, *boundary_scalings(p.t_start.to(p.dtype), **scalings))  # LCM Eq. 9
 
     with torch.no_grad():
-        cond, uncond = teacher(z, t_start)
-        cond_x0, cond_eps = predict_x0_eps(cond.to(dtype), z, a_start, s_start, config.prediction_type)
-        uncond_x0, uncond_eps = predict_x0_eps(uncond.to(dtype), z, a_start, s_start, config.prediction_type)
-        z_prev = diffuse(cfg_combine(cond_x0, uncond_x0, w), cfg_combine(cond_eps, uncond_eps, w), a_end, s_end)
-        target_x0, _ = predict_x0_eps(target(z_prev, t_end, w).to(dtype), z_prev, a_end, s_end, config.prediction_type)
-        target_denoised = consistency_output(z_prev, target_x0, *boundary_scalings(t_end.to(dtype), **scalings))
+        z_prev = guided_solver_step(teacher, p, config.prediction_type)
+        target_x0, _ = predict_x0_eps(target(z_prev, p.t_end, p.w).to(p.dtype), z_prev, a_end, s_end,
+                                      config.prediction_type)  # fmt: skip
+        target_denoised = consistency_output(z_prev, target_x0, *boundary_scalings(p.t_end.to(p.dtype), **scalings))
 
     dist = distillation_distance(denoised, target_denoised, config.loss_type, config.huber_c)  # (B, C, H, W)
     return DistillLossOutput(
         loss=dist.mean(),
-        t_start=t_start,
-        t_end=t_end,
-        w=w,
-        index=index,
+        t_start=p.t_start,
+        t_end=p.t_end,
+        w=p.w,
+        index=p.index,
         loss_per_sample=dist.detach().flatten(1).mean(1),
         denoised=denoised.detach(),
         target=target_denoised,

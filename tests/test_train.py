@@ -304,3 +304,22 @@ def test_accelerate_two_processes_agree(tmp_path, tiny_sd_dir, images):
     from lcm_kit.distill.outputs import state_digest
 
     assert state_digest(load_file(out / "pytorch_lora_weights.safetensors")) == d0  # and that is what was saved
+
+
+@pytest.mark.parametrize("objective, mode", [("pcm", "full"), ("tcd", "lora")])
+def test_trajectory_objectives_train_and_record_how_to_sample(tmp_path, tiny_sd_dir, images, objective, mode):
+    from PIL import Image
+
+    out = tmp_path / "out"
+    argv = base_args(tiny_sd_dir, images, out, 2, "--objective", objective, "--num_phases", "2", "--mode", mode,
+                     "--validation_steps", "2", "--validation_prompts", "a red circle")  # fmt: skip
+    assert load_script().main(argv) == 0
+    card = (out / "README.md").read_text()
+    grid = Image.open(out / "validation" / "step-2.png")
+    if objective == "pcm":  # deterministic on the two phase edges: one validation column, gamma 0 in the folder
+        from lcm_kit.pipeline import LCMPipeline
+
+        assert "timesteps=[999, 499]" in card and "gamma 0.0" in card and grid.size == (16, 16)
+        assert LCMPipeline.from_pretrained(out).scheduler.config.gamma == 0.0
+    else:
+        assert "num_inference_steps=4" in card and "gamma 0.3" in card and grid.size == (3 * 16, 16)

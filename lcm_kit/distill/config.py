@@ -71,9 +71,24 @@ class ObjectiveConfig(DistillLossConfig):
 
     _argument_group_name = "objective"
 
-    objective: Literal["lcm"] = field(
-        default="lcm", metadata={"help": "lcm: latent consistency distillation (LCM, arXiv 2310.04378, Alg. 1)."}
+    objective: Literal["lcm", "pcm", "tcd"] = field(
+        default="lcm",
+        metadata={
+            "help": "lcm: latent consistency distillation (arXiv 2310.04378); pcm: phased consistency distillation "
+            "(arXiv 2405.18407, --num_phases, deterministic sampling on the phase edges); tcd: trajectory "
+            "consistency distillation (arXiv 2402.19159, jumps of any length, sample with gamma)."
+        },
     )
+    num_phases: int = field(
+        default=4, metadata={"help": "pcm: phases M of the trajectory; the student samples in exactly M steps."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        n = self.num_phases
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.num_ddim_timesteps:
+            raise ValueError(f"num_phases must be an int in [1, num_ddim_timesteps={self.num_ddim_timesteps}], "
+                             f"got {n!r}")  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -156,14 +156,16 @@ def train(accelerator, state: TrainState, ckpt: Path | None = None) -> int:
 
 
 def log_validation(accelerator, state: TrainState, step: int) -> Path:
-    """Writes ``validation/step-<N>.png`` (rows: prompts; columns: 1, 2, 4 steps) and logs it to the tracker."""
+    """Writes ``validation/step-<N>.png`` (rows: prompts; columns: 1, 2, 4 steps, or a phased student's schedule)
+    and logs it to the tracker."""
     import numpy as np
 
     cfg = state.config
     unet = state.nets.sampling_unet(accelerator.unwrap_model(state.nets.student))
     scheduler = outputs.student_scheduler(state.teacher, state.objective)
+    columns = outputs.sampling_columns(state.objective.sampling())
     grid = outputs.validation_grid(unet, state.teacher, scheduler, cfg.output.prompts, cfg.optim.seed,
-                                   accelerator.autocast)  # fmt: skip
+                                   accelerator.autocast, columns)  # fmt: skip
     path = Path(cfg.output.output_dir) / "validation" / f"step-{step}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
@@ -191,7 +193,7 @@ def dry_run(accelerator, state: TrainState) -> None:
         f"{accelerator.mixed_precision}; UNets in memory: {1 if nets.teacher is None else 3}",
         f"steps: {opt.max_train_steps}, lr {opt.learning_rate} ({opt.lr_scheduler}, warmup {opt.lr_warmup_steps})",
         f"attention: {', '.join(sorted(procs))}; gradient checkpointing {m.gradient_checkpointing}",
-        f"sampler: {state.objective.scheduler_overrides()}",
+        f"sampling: {state.objective.sampling()}",
         f"first-batch loss {out.loss.item():.5g}; output_dir {cfg.output.output_dir}",
         "dry run: nothing trained",
     ]
@@ -224,7 +226,7 @@ def run(config: RunConfig) -> int:
         scheduler = outputs.student_scheduler(state.teacher, state.objective)
         outputs.save_final(state.nets, student, state.teacher, scheduler, config.output.output_dir,
                            config.output.save_kohya)  # fmt: skip
-        outputs.write_model_card(state.config, scheduler, step, accelerator.num_processes)
+        outputs.write_model_card(state.config, state.objective.sampling(), scheduler, step, accelerator.num_processes)
     if config.output.debug_param_digest:
         outputs.write_debug_digest(student, config, accelerator.process_index)
     accelerator.end_training()

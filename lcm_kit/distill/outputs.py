@@ -19,15 +19,23 @@ from ..lora import save_lora
 from ..scheduler import LCMKitScheduler
 from .config import RunConfig
 from .networks import Networks, Teacher
-from .objectives import Objective
+from .objectives import Objective, Sampling
 
-SAMPLER_KEYS = ("original_inference_steps", "timestep_scaling", "sigma_data", "prediction_type")
+SAMPLER_KEYS = ("original_inference_steps", "timestep_scaling", "sigma_data", "prediction_type", "gamma")
 
 
 def student_scheduler(teacher: Teacher, objective: Objective) -> LCMKitScheduler:
-    """The scheduler the trained student samples with: the teacher's noise schedule plus the objective's grid and
-    boundary scalings (:meth:`Objective.scheduler_overrides`)."""
-    return LCMKitScheduler.from_config(teacher.scheduler.config, **objective.scheduler_overrides())
+    """The scheduler the trained student samples with: the teacher's noise schedule plus the objective's grid,
+    boundary scalings and ``gamma`` (:meth:`Objective.sampling`)."""
+    return LCMKitScheduler.from_config(teacher.scheduler.config, **objective.sampling().scheduler)
+
+
+def sampling_columns(sampling: Sampling) -> list[dict]:
+    """Pipeline arguments of the validation grid's columns: the fixed schedule of a phased student, else 1/2/4
+    steps."""
+    if sampling.timesteps is not None:
+        return [{"timesteps": list(sampling.timesteps)}]
+    return [{"num_inference_steps": n} for n in (1, 2, 4)]
 
 
 def check_writable(output_dir: str) -> None:
@@ -77,7 +85,7 @@ Distilled with `lcm_kit` (`train/distill_lora.py --mode {mode} --objective {obje
 w ~ U[{w_min}, {w_max}] (LCM convention, w = guidance_scale - 1), {ddim} DDIM solver steps, {loss} loss{extra}.
 The resolved training config is `training_config.json`.
 
-Sample it with `LCMKitScheduler` (or diffusers' `LCMScheduler`) set to {sampler}: the values it was trained with.
+Sampling contract (what it was trained for): {contract}. Sample it with `LCMKitScheduler` set to {sampler}.
 
 ## Use
 {usage}
@@ -87,9 +95,9 @@ LORA_USAGE = """Stock diffusers (an LCM-LoRA has no guidance embedding: guidance
 ```python
 from diffusers import LCMScheduler, StableDiffusionPipeline
 pipe = StableDiffusionPipeline.from_pretrained("{teacher}")
-pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, {kwargs})
+pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, {stock_kwargs})
 pipe.load_lora_weights("{out}")
-image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale=1.0).images[0]
+image = pipe("a photo of a cat", {steps}, guidance_scale=1.0).images[0]
 ```
 lcm_kit:
 ```python
@@ -97,7 +105,7 @@ from lcm_kit import LCMKitScheduler, LCMPipeline
 pipe = LCMPipeline.from_pretrained("{teacher}")
 pipe.scheduler = LCMKitScheduler.from_config(pipe.scheduler.config, {kwargs})
 pipe.load_lora_weights("{out}")
-image = pipe("a photo of a cat", num_inference_steps=4).images[0]
+image = pipe("a photo of a cat", {steps}).images[0]
 ```"""
 
 FULL_USAGE = """A full pipeline folder (the UNet is the EMA target network; `unet_online/` is the online student);
@@ -105,13 +113,14 @@ its `scheduler/` already holds the sampler settings above:
 ```python
 from lcm_kit.pipeline import LCMPipeline
 pipe = LCMPipeline.from_pretrained("{out}")
-image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale=8.5).images[0]
+image = pipe("a photo of a cat", {steps}, guidance_scale=8.5).images[0]
 ```
 Stock diffusers: `LatentConsistencyModelPipeline.from_pretrained("{out}")`."""
 
 
-def write_model_card(config: RunConfig, scheduler: LCMKitScheduler, steps: int, procs: int) -> Path:
-    """A short ``README.md``: teacher, settings, the sampler settings of ``scheduler``, how to load the result."""
+def write_model_card(config: RunConfig, sampling: Sampling, scheduler: LCMKitScheduler, steps: int,
+                     procs: int) -> Path:  # fmt: skip
+    """A short ``README.md``: teacher, settings, the sampling contract and ``scheduler``, how to load the result."""
     m, o, opt = config.model, config.objective, config.optim
     lora = m.mode == "lora"
     extra = f", LoRA rank {m.lora_rank} alpha {m.lora_scale_alpha}" if lora else (
@@ -119,13 +128,19 @@ def write_model_card(config: RunConfig, scheduler: LCMKitScheduler, steps: int, 
     )  # fmt: skip
     sampler = {k: scheduler.config[k] for k in SAMPLER_KEYS}
     kwargs = ", ".join(f"{k}={v!r}" for k, v in sampler.items())
-    usage = (LORA_USAGE if lora else FULL_USAGE).format(teacher=m.pretrained_teacher_model,
-                                                       out=config.output.output_dir, kwargs=kwargs)  # fmt: skip
+    stock_kwargs = ", ".join(f"{k}={sampler[k]!r}" for k in ("original_inference_steps", "timestep_scaling"))
+    steps = (f"timesteps={list(sampling.timesteps)}" if sampling.timesteps is not None
+             else f"num_inference_steps={sampling.num_inference_steps}")  # fmt: skip
+    contract = f"objective `{sampling.objective}`, {steps}, gamma {sampler['gamma']}"
+    usage = (LORA_USAGE if lora else FULL_USAGE).format(teacher=m.pretrained_teacher_model, steps=steps,
+                                                       out=config.output.output_dir, kwargs=kwargs,
+                                                       stock_kwargs=stock_kwargs)  # fmt: skip
     text = MODEL_CARD.format(
         tag="lora" if lora else "full", title="LCM-LoRA" if lora else "Latent Consistency Model", mode=m.mode,
         objective=o.objective, teacher=m.pretrained_teacher_model, steps=steps, batch=opt.train_batch_size,
         accum=opt.gradient_accumulation_steps, procs=procs, lr=opt.learning_rate, w_min=o.w_min, w_max=o.w_max,
         ddim=o.num_ddim_timesteps, loss=o.loss_type, extra=extra, sampler=f"`{kwargs}`", usage=usage,
+        contract=contract,
     )  # fmt: skip
     path = Path(config.output.output_dir) / "README.md"
     path.write_text(text)
@@ -134,8 +149,9 @@ def write_model_card(config: RunConfig, scheduler: LCMKitScheduler, steps: int, 
 
 @torch.no_grad()
 def validation_grid(unet: torch.nn.Module, teacher: Teacher, scheduler: LCMKitScheduler, prompts: list[str],
-                    seed: int, autocast, step_counts=(1, 2, 4)):  # fmt: skip
-    """Samples of ``unet`` (rows: prompts, columns: 1/2/4 steps, fixed seeds) as one PIL grid, via ``LCMPipeline``.
+                    seed: int, autocast, columns: list[dict]):  # fmt: skip
+    """Samples of ``unet`` (rows: prompts, columns: pipeline arguments such as ``{"num_inference_steps": 2}``, fixed
+    seeds) as one PIL grid, via ``LCMPipeline``.
 
     Runs inside ``torch.random.fork_rng`` so the training RNG streams are untouched (resume stays exact);
     ``autocast`` is the accelerator's context (components may mix fp32 and bf16/fp16).
@@ -151,14 +167,14 @@ def validation_grid(unet: torch.nn.Module, teacher: Teacher, scheduler: LCMKitSc
     images = []
     with torch.random.fork_rng(devices=[]), autocast():
         for i, prompt in enumerate(prompts):
-            for n in step_counts:
+            for kwargs in columns:
                 gen = torch.Generator().manual_seed(seed + i)
-                images.append(pipe(prompt, num_inference_steps=n, generator=gen, output_type="pil").images[0])
+                images.append(pipe(prompt, generator=gen, output_type="pil", **kwargs).images[0])
     unet.train(was_training)
     w, h = images[0].size
-    grid = Image.new("RGB", (w * len(step_counts), h * len(prompts)))
+    grid = Image.new("RGB", (w * len(columns), h * len(prompts)))
     for k, img in enumerate(images):
-        grid.paste(img, ((k % len(step_counts)) * w, (k // len(step_counts)) * h))
+        grid.paste(img, ((k % len(columns)) * w, (k // len(columns)) * h))
     return grid
 
 
