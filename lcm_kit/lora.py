@@ -192,6 +192,7 @@ def save_lora(
     kohya: bool = False,
     weight_name: str = LORA_WEIGHT_NAME,
     dtype: torch.dtype | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> list[Path]:
     """Saves the adapter as safetensors that ``pipe.load_lora_weights(output_dir)`` of stock diffusers loads.
 
@@ -201,6 +202,7 @@ def save_lora(
         kohya: Also write ``pytorch_lora_weights_kohya.safetensors`` (see :func:`to_kohya`).
         weight_name: File name of the diffusers-format file.
         dtype: Cast the tensors to this dtype (e.g. ``torch.float16``); default: keep (fp32).
+        metadata: Extra safetensors metadata for both files (e.g. the sampling contract, :mod:`lcm_kit.contract`).
 
     Returns:
         The paths written, the diffusers-format file first.
@@ -210,9 +212,11 @@ def save_lora(
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     out = Path(output_dir)
-    paths = [save_safetensors(state, out / weight_name, _metadata(rank, alpha, targets))]
+    extra = metadata or {}
+    paths = [save_safetensors(state, out / weight_name, {**_metadata(rank, alpha, targets), **extra})]
     if kohya:
-        paths.append(save_safetensors(to_kohya(state, alpha), out / KOHYA_WEIGHT_NAME, _metadata(rank, alpha)))
+        kohya_state = to_kohya(state, alpha)
+        paths.append(save_safetensors(kohya_state, out / KOHYA_WEIGHT_NAME, {**_metadata(rank, alpha), **extra}))
     return paths
 
 

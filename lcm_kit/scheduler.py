@@ -1,7 +1,8 @@
 """``LCMKitScheduler``: a diffusers scheduler for consistency sampling, a thin adapter over
 :mod:`lcm_kit.functional` and :mod:`lcm_kit.schedules`.
 
-Its config keys are a superset of ``diffusers.LCMScheduler``'s (plus ``sigma_data`` and ``gamma``), so configs move
+Its config keys are a superset of ``diffusers.LCMScheduler``'s (plus ``sigma_data``, ``gamma`` and a distilled
+student's ``sampling_contract``, :mod:`lcm_kit.contract`), so configs move
 both ways with ``from_config``, and so does a Stable Diffusion DDPM / PNDM / DDIM scheduler config.
 """
 
@@ -67,6 +68,8 @@ class LCMKitScheduler(SchedulerMixin, ConfigMixin):
         rescale_betas_zero_snr: Rescale betas to zero terminal SNR.
         sigma_data: Data standard deviation in the boundary scalings (0.5 in LCM).
         gamma: ``None`` for plain LCM sampling, or TCD's stochasticity ``gamma`` in ``[0, 1]`` (0: deterministic).
+        sampling_contract: The :class:`lcm_kit.contract.SamplingContract` (as a dict) of the student this scheduler
+            belongs to: ``LCMPipeline`` takes its default steps / timesteps from it. Not used by ``step``.
     """
 
     _compatibles = [
@@ -106,9 +109,14 @@ class LCMKitScheduler(SchedulerMixin, ConfigMixin):
         rescale_betas_zero_snr: bool = False,
         sigma_data: float = 0.5,
         gamma: float | None = None,
+        sampling_contract: dict | None = None,
     ) -> None:
         if prediction_type not in F.PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {F.PREDICTION_TYPES}, got {prediction_type!r}")
+        if sampling_contract is not None:
+            from .contract import SamplingContract
+
+            SamplingContract.from_dict(sampling_contract)  # ValueError on a malformed contract
         if gamma is not None and not 0.0 <= gamma <= 1.0:
             raise ValueError(f"gamma must be None (LCM) or in [0, 1] (TCD), got {gamma}")
         if original_inference_steps < 1 or original_inference_steps > num_train_timesteps:

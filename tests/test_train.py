@@ -312,7 +312,7 @@ def test_trajectory_objectives_train_and_record_how_to_sample(tmp_path, tiny_sd_
 
     out = tmp_path / "out"
     argv = base_args(tiny_sd_dir, images, out, 2, "--objective", objective, "--num_phases", "2", "--mode", mode,
-                     "--validation_steps", "2", "--validation_prompts", "a red circle")  # fmt: skip
+                     "--validation_steps", "2", "--validation_prompts", "a red circle", "--save_kohya")  # fmt: skip
     assert load_script().main(argv) == 0
     card = (out / "README.md").read_text()
     grid = Image.open(out / "validation" / "step-2.png")
@@ -320,6 +320,13 @@ def test_trajectory_objectives_train_and_record_how_to_sample(tmp_path, tiny_sd_
         from lcm_kit.pipeline import LCMPipeline
 
         assert "timesteps=[999, 499]" in card and "gamma 0.0" in card and grid.size == (16, 16)
-        assert LCMPipeline.from_pretrained(out).scheduler.config.gamma == 0.0
+        config = LCMPipeline.from_pretrained(out).scheduler.config
+        assert config.gamma == 0.0 and config.sampling_contract["timesteps"] == [999, 499]
+        assert config.sampling_contract["objective"] == "pcm" and config.sampling_contract["w_range"] == [5.0, 15.0]
     else:
+        from lcm_kit.contract import read_lora_contract
+
         assert "num_inference_steps=4" in card and "gamma 0.3" in card and grid.size == (3 * 16, 16)
+        contract = read_lora_contract(out / "pytorch_lora_weights.safetensors")
+        assert contract.objective == "tcd" and contract.scheduler["gamma"] == 0.3 and contract.timesteps is None
+        assert read_lora_contract(out / "pytorch_lora_weights_kohya.safetensors") == contract

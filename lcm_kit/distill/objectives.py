@@ -2,7 +2,8 @@
 
 An objective is any callable with the :class:`Objective` protocol: it receives the networks as plain functions
 (:class:`lcm_kit.distill.networks.ModelFns`: student, teacher, target), the clean latents and a generator, and
-returns an output with a scalar ``loss``; :meth:`Objective.sampling` says how its student samples. The formulas
+returns an output with a scalar ``loss``; :meth:`Objective.sampling` says how its student samples (its
+:class:`lcm_kit.contract.SamplingContract`). The formulas
 come from :mod:`lcm_kit.functional` through :mod:`lcm_kit.solver` / :mod:`lcm_kit.loss`; an objective only
 decides which of them to combine. A new objective is one class here, one entry in :data:`OBJECTIVES` and one
 choice of ``--objective`` (:class:`lcm_kit.distill.config.ObjectiveConfig`).
@@ -23,30 +24,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
+from ..contract import SamplingContract
 from ..functional import append_dims, diffuse, predict_x0_eps
 from ..loss import DistillLossOutput, consistency_distillation_loss, distillation_distance
 from ..schedules import phase_edges, phase_sampling_timesteps, skipping_step_timesteps
 from ..solver import SolverPoints, guided_solver_step, solver_points
 from .config import ObjectiveConfig
 from .networks import ModelFns
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How a student trained with an objective must be sampled (its sampling contract).
-
-    ``scheduler`` holds ``LCMKitScheduler`` config values (grid, boundary scalings, ``gamma``); ``timesteps`` is a
-    fixed schedule (``None``: any ``num_inference_steps``), ``num_inference_steps`` the default step count.
-    """
-
-    objective: str
-    num_inference_steps: int
-    timesteps: tuple[int, ...] | None
-    scheduler: dict[str, Any]
 
 
 class Objective(Protocol):
@@ -58,15 +46,18 @@ class Objective(Protocol):
         """``latents (B,C,H,W)`` (times the VAE scaling factor) -> an output whose ``loss`` is a scalar."""
         ...
 
-    def sampling(self) -> Sampling:
-        """The sampling contract of the trained student."""
+    def sampling(self) -> SamplingContract:
+        """The sampling contract of the trained student (:mod:`lcm_kit.contract`)."""
         ...
 
 
-def _scheduler_values(c: ObjectiveConfig, gamma: float | None) -> dict[str, Any]:
-    """The grid and boundary scalings the student learned (LCM Sec. 4.3 and Eq. 9), and TCD's ``gamma``."""
-    return {"original_inference_steps": c.num_ddim_timesteps, "timestep_scaling": c.timestep_scaling,
-            "sigma_data": c.sigma_data, "prediction_type": c.prediction_type, "gamma": gamma}  # fmt: skip
+def _contract(objective: str, steps: int, timesteps: tuple[int, ...] | None, c: ObjectiveConfig,
+              gamma: float | None) -> SamplingContract:  # fmt: skip
+    """The contract: the grid and boundary scalings the student learned (LCM Sec. 4.3 and Eq. 9), TCD's ``gamma``
+    and the guidance range it was distilled for."""
+    scheduler = {"original_inference_steps": c.num_ddim_timesteps, "timestep_scaling": c.timestep_scaling,
+                 "sigma_data": c.sigma_data, "prediction_type": c.prediction_type, "gamma": gamma}  # fmt: skip
+    return SamplingContract(objective, steps, timesteps, scheduler, (c.w_min, c.w_max))
 
 
 @dataclass(frozen=True)
@@ -82,8 +73,8 @@ class LCMObjective:
             fns.student, fns.teacher, fns.target, latents, self.alphas_cumprod, self.config, generator=generator
         )
 
-    def sampling(self) -> Sampling:
-        return Sampling("lcm", 4, None, _scheduler_values(self.config, None))
+    def sampling(self) -> SamplingContract:
+        return _contract("lcm", 4, None, self.config, None)
 
 
 def jump_distillation_loss(fns: ModelFns, latents: torch.Tensor, alphas_cumprod: torch.Tensor,
@@ -132,10 +123,10 @@ class PCMObjective:
     def __call__(self, fns: ModelFns, latents: torch.Tensor, generator: torch.Generator) -> DistillLossOutput:
         return jump_distillation_loss(fns, latents, self.alphas_cumprod, self.config, self.edge_of, generator)
 
-    def sampling(self) -> Sampling:
+    def sampling(self) -> SamplingContract:
         c = self.config
         ts = phase_sampling_timesteps(len(self.alphas_cumprod), c.num_ddim_timesteps, c.num_phases)
-        return Sampling("pcm", c.num_phases, tuple(int(t) for t in ts), _scheduler_values(c, 0.0))
+        return _contract("pcm", c.num_phases, tuple(int(t) for t in ts), c, 0.0)
 
 
 @dataclass(frozen=True)
@@ -160,8 +151,8 @@ class TCDObjective:
         return jump_distillation_loss(fns, latents, self.alphas_cumprod, self.config,
                                       lambda p: self.draw_end(p, generator), generator)  # fmt: skip
 
-    def sampling(self) -> Sampling:
-        return Sampling("tcd", 4, None, _scheduler_values(self.config, self.gamma))
+    def sampling(self) -> SamplingContract:
+        return _contract("tcd", 4, None, self.config, self.gamma)
 
 
 OBJECTIVES: dict[str, type] = {"lcm": LCMObjective, "pcm": PCMObjective, "tcd": TCDObjective}

@@ -15,22 +15,26 @@ from pathlib import Path
 
 import torch
 
+from ..contract import SamplingContract
 from ..lora import save_lora
 from ..scheduler import LCMKitScheduler
 from .config import RunConfig
 from .networks import Networks, Teacher
-from .objectives import Objective, Sampling
+from .objectives import Objective
 
 SAMPLER_KEYS = ("original_inference_steps", "timestep_scaling", "sigma_data", "prediction_type", "gamma")
 
 
 def student_scheduler(teacher: Teacher, objective: Objective) -> LCMKitScheduler:
     """The scheduler the trained student samples with: the teacher's noise schedule plus the objective's grid,
-    boundary scalings and ``gamma`` (:meth:`Objective.sampling`)."""
-    return LCMKitScheduler.from_config(teacher.scheduler.config, **objective.sampling().scheduler)
+    boundary scalings and ``gamma``, and the whole contract under ``sampling_contract`` (:meth:`Objective.sampling`).
+    """
+    contract = objective.sampling()
+    return LCMKitScheduler.from_config(teacher.scheduler.config, **contract.scheduler,
+                                       sampling_contract=contract.to_dict())  # fmt: skip
 
 
-def sampling_columns(sampling: Sampling) -> list[dict]:
+def sampling_columns(sampling: SamplingContract) -> list[dict]:
     """Pipeline arguments of the validation grid's columns: the fixed schedule of a phased student, else 1/2/4
     steps."""
     if sampling.timesteps is not None:
@@ -58,10 +62,12 @@ def write_config(config: RunConfig) -> Path:
 
 def save_final(nets: Networks, student: torch.nn.Module, teacher: Teacher, scheduler: LCMKitScheduler,
                output_dir: str, save_kohya: bool) -> list[Path]:  # fmt: skip
-    """LoRA: ``pytorch_lora_weights.safetensors`` (+ kohya). Full: an ``LCMPipeline`` folder with the EMA UNet and
-    ``scheduler`` (``unet_online/`` holds the online student). ``student`` is the unwrapped student."""
+    """LoRA: ``pytorch_lora_weights.safetensors`` (+ kohya), the sampling contract in their metadata. Full: an
+    ``LCMPipeline`` folder with the EMA UNet and ``scheduler`` (contract in its config; ``unet_online/`` holds the
+    online student). ``student`` is the unwrapped student."""
     if nets.target is None:
-        return save_lora(student, output_dir, kohya=save_kohya)
+        contract = SamplingContract.from_dict(scheduler.config.sampling_contract)
+        return save_lora(student, output_dir, kohya=save_kohya, metadata=contract.as_metadata())
     from ..pipeline import LCMPipeline
 
     pipe = LCMPipeline(  # training is over: the text encoder goes back to fp32 (it ran in the mixed dtype)
@@ -118,7 +124,7 @@ image = pipe("a photo of a cat", {steps}, guidance_scale=8.5).images[0]
 Stock diffusers: `LatentConsistencyModelPipeline.from_pretrained("{out}")`."""
 
 
-def write_model_card(config: RunConfig, sampling: Sampling, scheduler: LCMKitScheduler, steps: int,
+def write_model_card(config: RunConfig, sampling: SamplingContract, scheduler: LCMKitScheduler, steps: int,
                      procs: int) -> Path:  # fmt: skip
     """A short ``README.md``: teacher, settings, the sampling contract and ``scheduler``, how to load the result."""
     m, o, opt = config.model, config.objective, config.optim

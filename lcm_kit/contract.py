@@ -1,0 +1,96 @@
+"""The sampling contract: how a distilled student must be sampled, stored with the student.
+
+A trained LCM-LoRA or full LCM records which objective made it, its default number of steps (or the fixed timesteps
+of a phased student), the ``LCMKitScheduler`` values it learned (solver grid, boundary scalings, TCD ``gamma``) and
+the guidance range ``w`` it was distilled for. :mod:`lcm_kit.distill` writes it into the LoRA file's safetensors
+metadata (key :data:`METADATA_KEY`), into the full pipeline's ``scheduler/scheduler_config.json`` and into the model
+card; :class:`lcm_kit.LCMPipeline` applies it when the student is loaded, unless the caller overrides it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+METADATA_KEY = "lcm_kit.sampling"
+CONFIG_KEY = "sampling_contract"  # the scheduler-config key of a full pipeline folder
+SCHEDULER_KEYS = ("original_inference_steps", "timestep_scaling", "sigma_data", "prediction_type", "gamma")
+
+
+@dataclass(frozen=True)
+class SamplingContract:
+    """How a distilled student samples.
+
+    Attributes:
+        objective: ``"lcm"``, ``"pcm"`` or ``"tcd"``.
+        num_inference_steps: Default number of steps.
+        timesteps: A fixed descending schedule (phased students), or ``None`` (any number of steps).
+        scheduler: ``LCMKitScheduler`` config values (keys in :data:`SCHEDULER_KEYS`).
+        w_range: ``(w_min, w_max)`` guidance it was distilled for, LCM convention (``guidance_scale - 1``).
+    """
+
+    objective: str
+    num_inference_steps: int
+    timesteps: tuple[int, ...] | None
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    w_range: tuple[float, float] | None = None
+
+    def __post_init__(self):
+        unknown = set(self.scheduler) - set(SCHEDULER_KEYS)
+        if unknown:
+            raise ValueError(f"sampling contract: unknown scheduler keys {sorted(unknown)}")
+        if self.timesteps is not None and len(self.timesteps) != self.num_inference_steps:
+            raise ValueError(
+                f"sampling contract: {len(self.timesteps)} timesteps but {self.num_inference_steps} steps"
+            )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(self.to_json())
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SamplingContract:
+        """The inverse of :meth:`to_dict` (``ValueError`` on anything else)."""
+        try:
+            ts, wr = d.get("timesteps"), d.get("w_range")
+            return cls(d["objective"], int(d["num_inference_steps"]), tuple(ts) if ts is not None else None,
+                       dict(d.get("scheduler", {})), tuple(wr) if wr is not None else None)  # fmt: skip
+        except (AttributeError, KeyError, TypeError) as err:
+            raise ValueError(f"not a sampling contract: {str(d)[:200]} ({err!r})") from err
+
+    @classmethod
+    def from_json(cls, text: str) -> SamplingContract:
+        """Parses :meth:`to_json` output (``ValueError`` on anything else)."""
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"not a sampling contract: {text[:200]!r} ({err})") from err
+
+    def as_metadata(self) -> dict[str, str]:
+        """The safetensors metadata entry of a LoRA file."""
+        return {METADATA_KEY: self.to_json()}
+
+
+def read_lora_contract(path: str | os.PathLike) -> SamplingContract | None:
+    """The contract in a LoRA safetensors file's metadata, or ``None`` (older files, other tools' LoRAs)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        text = (f.metadata() or {}).get(METADATA_KEY)
+    return SamplingContract.from_json(text) if text else None
+
+
+def find_lora_file(source: Any, weight_name: str | None = None) -> Path | None:
+    """The local safetensors file ``load_lora_weights(source, weight_name=...)`` reads, if it is one (else None)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None  # a state dict
+    path = Path(source)
+    if path.is_file():
+        return path
+    candidate = path / (weight_name or "pytorch_lora_weights.safetensors")
+    return candidate if candidate.is_file() else None
