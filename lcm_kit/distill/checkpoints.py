@@ -3,8 +3,10 @@
 Layout ``<output_dir>/checkpoint-<step>/``: accelerate's ``save_state`` (optimizer, LR scheduler, RNG states,
 gradient-accumulation step) plus our hook's weights, safetensors only: ``pytorch_lora_weights.safetensors`` (lora
 mode; the base UNet is not duplicated) or ``unet/`` + ``unet_target/`` (full mode, the EMA target included), and
-``training_state.json`` (``global_step``). A checkpoint is written to ``checkpoint-<step>.tmp`` and renamed when
-complete, so ``--resume_from_checkpoint latest`` never picks a half-written one.
+``training_state.json`` (``global_step``) and ``train_time.json`` (``train_seconds``: wall time spent in the loop
+up to this step, summed over resumed runs; what ``bench/time_to_quality.py`` reads). A checkpoint is written to
+``checkpoint-<step>.tmp`` and renamed when complete, so ``--resume_from_checkpoint latest`` never picks a
+half-written one.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(_CKPT.match(p.name).group(1)))
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None) -> Path:
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None,
+                    train_seconds: float = 0.0) -> Path:  # fmt: skip
     """Saves ``checkpoint-<step>`` on all processes (temp dir + rename on the main one), prunes to ``total_limit``."""
     final = Path(output_dir) / f"checkpoint-{step}"
     tmp = Path(output_dir) / f"checkpoint-{step}.tmp"
@@ -73,6 +76,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "training_state.json").write_text(json.dumps({"global_step": step}))
+        (tmp / "train_time.json").write_text(json.dumps({"train_seconds": round(train_seconds, 3)}))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -100,7 +104,14 @@ def resolve_resume(output_dir: str, resume: str | None) -> Path | None:
     return path
 
 
-def load_checkpoint(accelerator, path: Path) -> int:
-    """Loads accelerate state + weights from ``path``; returns its ``global_step``."""
+def load_checkpoint(accelerator, path: Path) -> tuple[int, float]:
+    """Loads accelerate state + weights from ``path``; returns its ``global_step`` and ``train_seconds``."""
     accelerator.load_state(str(path))
-    return int(json.loads((path / "training_state.json").read_text())["global_step"])
+    step = int(json.loads((path / "training_state.json").read_text())["global_step"])
+    return step, train_seconds(path)
+
+
+def train_seconds(path: Path) -> float:
+    """The loop's wall time up to checkpoint ``path`` (0 for checkpoints written before it was recorded)."""
+    timing = Path(path) / "train_time.json"
+    return float(json.loads(timing.read_text())["train_seconds"]) if timing.is_file() else 0.0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,13 +116,13 @@ def _micro_step(accelerator, state: TrainState, micro: int, step: int, batch) ->
     return out.loss.item()
 
 
-def _after_step(accelerator, state: TrainState, step: int, loss: float) -> None:
+def _after_step(accelerator, state: TrainState, step: int, loss: float, seconds: float) -> None:
     nets, out = state.nets, state.config.output
     if nets.target is not None:
         update_ema(nets.target, accelerator.unwrap_model(nets.student), state.config.model.ema_decay)
     accelerator.log({"loss": loss, "lr": state.lr_scheduler.get_last_lr()[0]}, step=step)
     if out.checkpointing_steps and step % out.checkpointing_steps == 0:
-        path = ckpts.save_checkpoint(accelerator, out.output_dir, step, out.checkpoints_total_limit)
+        path = ckpts.save_checkpoint(accelerator, out.output_dir, step, out.checkpoints_total_limit, seconds)
         logger.info("saved %s", path)
     if out.validation_steps and step % out.validation_steps == 0 and accelerator.is_main_process:
         log_validation(accelerator, state, step)
@@ -130,10 +131,11 @@ def _after_step(accelerator, state: TrainState, step: int, loss: float) -> None:
 def train(accelerator, state: TrainState, ckpt: Path | None = None) -> int:
     """Runs up to ``max_train_steps`` optimizer steps (from checkpoint ``ckpt`` if given); returns the final step."""
     loader, optim = state.loader, state.config.optim
-    accum, step = optim.gradient_accumulation_steps, 0
+    accum, step, seconds = optim.gradient_accumulation_steps, 0, 0.0
     if ckpt is not None:
-        step = ckpts.load_checkpoint(accelerator, ckpt)
+        step, seconds = ckpts.load_checkpoint(accelerator, ckpt)
         logger.info("resumed from %s at step %d", ckpt, step)
+    start = time.perf_counter() - seconds
     micro = step * accum
     bar = tqdm(total=optim.max_train_steps, initial=step, disable=not accelerator.is_local_main_process, desc="steps")
     while step < optim.max_train_steps:
@@ -148,7 +150,7 @@ def train(accelerator, state: TrainState, ckpt: Path | None = None) -> int:
                 step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4g}")
-                _after_step(accelerator, state, step, loss)
+                _after_step(accelerator, state, step, loss, time.perf_counter() - start)
                 if step >= optim.max_train_steps:
                     break
     bar.close()
