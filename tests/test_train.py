@@ -330,3 +330,26 @@ def test_trajectory_objectives_train_and_record_how_to_sample(tmp_path, tiny_sd_
         contract = read_lora_contract(out / "pytorch_lora_weights.safetensors")
         assert contract.objective == "tcd" and contract.scheduler["gamma"] == 0.3 and contract.timesteps is None
         assert read_lora_contract(out / "pytorch_lora_weights_kohya.safetensors") == contract
+
+
+def test_lora_ema_target_resumes_exactly_and_lags_the_student(tmp_path, tiny_sd_dir, images):
+    # --lora_ema: the target is a second adapter that follows the trained one as an EMA (decay 0.5 here, so it
+    # moves visibly in 4 steps); it is checkpointed, so resuming mid-run gives the same weights bit for bit.
+    from lcm_kit.distill.checkpoints import EMA_WEIGHT_NAME
+
+    main = load_script().main
+    extra = ("--lora_ema", "--ema_decay", "0.5")
+    main(base_args(tiny_sd_dir, images, tmp_path / "a", 4, *extra))
+    main(base_args(tiny_sd_dir, images, tmp_path / "b", 3, *extra))
+    main(base_args(tiny_sd_dir, images, tmp_path / "b", 4, *extra, "--resume_from_checkpoint", "latest"))
+    a = load_file(tmp_path / "a" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "b" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+    ema2, ema4 = (load_file(tmp_path / "a" / f"checkpoint-{s}" / EMA_WEIGHT_NAME) for s in (2, 4))
+    online4 = {k.removeprefix("unet."): v for k, v in a.items()}
+    assert ema4.keys() == online4.keys()
+    b_keys = [k for k in online4 if "lora_B" in k]  # B starts at 0 in both adapters; the EMA trails the student
+    assert max((ema4[k] - ema2[k]).abs().max().item() for k in b_keys) > 0
+    assert max((ema4[k] - online4[k]).abs().max().item() for k in b_keys) > 1e-6
+    b_ema4 = load_file(tmp_path / "b" / "checkpoint-4" / EMA_WEIGHT_NAME)
+    assert all(torch.equal(ema4[k], b_ema4[k]) for k in ema4)

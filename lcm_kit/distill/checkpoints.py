@@ -2,11 +2,11 @@
 
 Layout ``<output_dir>/checkpoint-<step>/``: accelerate's ``save_state`` (optimizer, LR scheduler, RNG states,
 gradient-accumulation step) plus our hook's weights, safetensors only: ``pytorch_lora_weights.safetensors`` (lora
-mode; the base UNet is not duplicated) or ``unet/`` + ``unet_target/`` (full mode, the EMA target included), and
-``training_state.json`` (``global_step``) and ``train_time.json`` (``train_seconds``: wall time spent in the loop
-up to this step, summed over resumed runs; what ``bench/time_to_quality.py`` reads). A checkpoint is written to
-``checkpoint-<step>.tmp`` and renamed when complete, so ``--resume_from_checkpoint latest`` never picks a
-half-written one.
+mode; the base UNet is not duplicated; with ``--lora_ema`` also the EMA adapter) or ``unet/`` + ``unet_target/``
+(full mode, the EMA target included), ``training_state.json`` (``global_step``) and ``train_time.json``
+(``train_seconds``: wall time spent in the loop up to this step, summed over resumed runs; what
+``bench/time_to_quality.py`` reads). A checkpoint is written to ``checkpoint-<step>.tmp`` and renamed when complete,
+so ``--resume_from_checkpoint latest`` never picks a half-written one.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ import re
 import shutil
 from pathlib import Path
 
-from ..lora import LORA_WEIGHT_NAME, save_lora
+from ..atomic import save_safetensors
+from ..lora import EMA_ADAPTER, LORA_WEIGHT_NAME, adapter_state_dict, save_lora
 from .networks import Networks
 
+EMA_WEIGHT_NAME = "lora_ema_adapter.safetensors"  # lora_ema: the target adapter, peft keys
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -33,6 +35,8 @@ def register_hooks(accelerator, nets: Networks) -> None:
         if accelerator.is_main_process:
             if nets.target is None:
                 save_lora(student, output_dir)
+                if nets.ema_pairs:
+                    save_safetensors(adapter_state_dict(student, EMA_ADAPTER), Path(output_dir) / EMA_WEIGHT_NAME)
             else:
                 student.save_pretrained(os.path.join(output_dir, "unet"))
                 nets.target.save_pretrained(os.path.join(output_dir, "unet_target"))
@@ -48,6 +52,9 @@ def register_hooks(accelerator, nets: Networks) -> None:
             result = set_peft_model_state_dict(student, {k.removeprefix("unet."): v for k, v in state.items()})
             if getattr(result, "unexpected_keys", None):
                 raise ValueError(f"checkpoint LoRA keys do not match the model: {result.unexpected_keys[:5]}")
+            if nets.ema_pairs:
+                ema = load_file(os.path.join(input_dir, EMA_WEIGHT_NAME))
+                set_peft_model_state_dict(student, ema, adapter_name=EMA_ADAPTER)
         else:
             for module, sub in ((student, "unet"), (nets.target, "unet_target")):
                 sd = load_file(os.path.join(input_dir, sub, "diffusion_pytorch_model.safetensors"))

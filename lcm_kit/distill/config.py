@@ -47,7 +47,14 @@ class ModelConfig:
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha; None = rank (scale 1)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
     time_cond_proj_dim: int = field(default=256, metadata={"help": "full: guidance-embedding width (LCM: 256)."})
-    ema_decay: float = field(default=0.95, metadata={"help": "full: EMA decay of the target network (LCM: 0.95)."})
+    ema_decay: float = field(
+        default=0.95, metadata={"help": "EMA decay of the target network (full, or lora with --lora_ema; LCM: 0.95)."}
+    )
+    lora_ema: bool = field(
+        default=False,
+        metadata={"help": "lora: the target is an EMA of the adapter (a second adapter on the same UNet) instead of "
+                  "the student itself (diffusers' LCM-LoRA scripts)."},
+    )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for UNet memory."})
 
     def __post_init__(self):

@@ -118,8 +118,9 @@ def _micro_step(accelerator, state: TrainState, micro: int, step: int, batch) ->
 
 def _after_step(accelerator, state: TrainState, step: int, loss: float, seconds: float) -> None:
     nets, out = state.nets, state.config.output
-    if nets.target is not None:
-        update_ema(nets.target, accelerator.unwrap_model(nets.student), state.config.model.ema_decay)
+    pairs = nets.ema_update_pairs(accelerator.unwrap_model(nets.student))
+    if pairs:
+        update_ema(pairs, state.config.model.ema_decay)
     accelerator.log({"loss": loss, "lr": state.lr_scheduler.get_last_lr()[0]}, step=step)
     if out.checkpointing_steps and step % out.checkpointing_steps == 0:
         path = ckpts.save_checkpoint(accelerator, out.output_dir, step, out.checkpoints_total_limit, seconds)

@@ -2,7 +2,8 @@
 
 * ``lora`` -- one UNet: the teacher's own UNet with an LCM-LoRA adapter (:func:`lcm_kit.lora.add_lcm_lora`). The
   teacher is that UNet inside :func:`lcm_kit.lora.teacher_mode` (cond + uncond batched in one call); the target is
-  the same UNet with its adapter, without gradients (no EMA), as diffusers' LCM-LoRA scripts.
+  the same UNet with its adapter, without gradients (no EMA), as diffusers' LCM-LoRA scripts; with ``--lora_ema``
+  it is a second adapter on the same UNet that follows the trained one as an EMA (:func:`lcm_kit.lora.adapter_mode`).
 * ``full`` -- a student UNet with a guidance-scale embedding (``time_cond_proj_dim``) initialised from the teacher
   (the new ``time_embedding.cond_proj`` is zero, so the student starts equal to the teacher), a frozen teacher
   UNet, and an EMA copy of the student as the target network (LCM paper, Algorithm 1).
@@ -21,7 +22,7 @@ import torch
 
 from .. import functional as F
 from ..latent_cache import encode_posterior, encode_prompts
-from ..lora import add_lcm_lora, teacher_mode
+from ..lora import EMA_ADAPTER, adapter_mode, add_ema_adapter, add_lcm_lora, teacher_mode
 from ..scheduler import LCMKitScheduler
 from .config import ModelConfig
 
@@ -124,6 +125,13 @@ class Networks:
     params: list[torch.nn.Parameter]  # trainable parameters, held in a list (clip_grad_norm_ must see them all)
     w_dim: int | None  # width of the student's guidance embedding (full mode), None for LoRA
     weight_dtype: torch.dtype  # dtype of the frozen weights
+    ema_pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] | None = None  # lora_ema: (ema, online) params
+
+    def ema_update_pairs(self, student: torch.nn.Module) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+        """``(target, source)`` parameter pairs of the EMA update (empty when the target is the student itself)."""
+        if self.target is not None:
+            return list(zip(self.target.parameters(), student.parameters(), strict=True))
+        return self.ema_pairs or []
 
     def sampling_unet(self, base: torch.nn.Module) -> torch.nn.Module:
         """The UNet that is saved and validated: the EMA target (full), or the adapted UNet ``base`` (LoRA)."""
@@ -147,6 +155,9 @@ class Networks:
             return out.chunk(2)
 
         def target(z, t, w):
+            if self.ema_pairs:
+                with adapter_mode(base, EMA_ADAPTER):
+                    return call_unet(base, z, t, embeds, w, self.w_dim, s_dtype)
             return call_unet(self.sampling_unet(base), z, t, embeds, w, self.w_dim, s_dtype)
 
         return ModelFns(student, teacher, target)
@@ -171,8 +182,10 @@ def build_networks(config: ModelConfig, teacher: Teacher, weight_dtype: torch.dt
     if config.mode == "lora":
         unet.to(dtype=weight_dtype)
         add_lcm_lora(unet, config.lora_rank, config.lora_alpha, config.lora_dropout)
+        pairs = add_ema_adapter(unet) if config.lora_ema else None
         unet.train()
-        return Networks(unet, None, None, [p for p in unet.parameters() if p.requires_grad], None, weight_dtype)
+        params = [p for p in unet.parameters() if p.requires_grad]
+        return Networks(unet, None, None, params, None, weight_dtype, pairs)
     student = w_student_from(unet, config.time_cond_proj_dim)
     target = copy.deepcopy(student).requires_grad_(False).eval()  # EMA target, fp32 like the student
     frozen = unet.requires_grad_(False).eval().to(dtype=weight_dtype)
@@ -182,7 +195,8 @@ def build_networks(config: ModelConfig, teacher: Teacher, weight_dtype: torch.dt
 
 
 @torch.no_grad()
-def update_ema(target: torch.nn.Module, source: torch.nn.Module, decay: float) -> None:
-    """``theta^- <- decay * theta^- + (1 - decay) * theta`` (LCM Algorithm 1, last line)."""
-    for t, s in zip(target.parameters(), source.parameters(), strict=True):
+def update_ema(pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]], decay: float) -> None:
+    """``theta^- <- decay * theta^- + (1 - decay) * theta`` for each ``(theta^-, theta)`` (LCM Algorithm 1, last
+    line)."""
+    for t, s in pairs:
         t.mul_(decay).add_(s.detach().to(t.dtype), alpha=1 - decay)
