@@ -15,6 +15,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Calls ``write(tmp_path)`` on a temp file next to ``path``, then renames it onto ``path``.
 
     The folder is created if missing; on any failure the temp file is removed and the old ``path`` is untouched.
+    The file gets the permissions a plain ``open`` would give it (``0o666`` less the umask; ``mkstemp`` makes 0600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -22,11 +23,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def save_safetensors(

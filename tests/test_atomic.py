@@ -29,3 +29,18 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):
         atomic_write(path, broken)
     assert json.loads(path.read_text()) == {"a": 2, "b": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["index.json"]
+
+
+def test_files_get_the_umask_permissions_of_a_plain_open(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = write_json(tmp_path / "a.json", {"x": 1})
+        (tmp_path / "plain").write_text("x")
+        assert oct(path.stat().st_mode & 0o777) == oct((tmp_path / "plain").stat().st_mode & 0o777) == "0o644"
+        os.umask(0o077)
+        assert path.stat().st_mode & 0o777 == 0o644  # unchanged file
+        assert save_safetensors({"t": __import__("torch").zeros(1)}, tmp_path / "b.st").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)

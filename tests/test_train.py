@@ -353,3 +353,56 @@ def test_lora_ema_target_resumes_exactly_and_lags_the_student(tmp_path, tiny_sd_
     assert max((ema4[k] - online4[k]).abs().max().item() for k in b_keys) > 1e-6
     b_ema4 = load_file(tmp_path / "b" / "checkpoint-4" / EMA_WEIGHT_NAME)
     assert all(torch.equal(ema4[k], b_ema4[k]) for k in ema4)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"--checkpointing_steps": "-1"}, "checkpointing_steps must be >= 0"),
+        ({"--validation_steps": "-1"}, "validation_steps must be >= 0"),
+        ({"--validation_steps": "2", "--validation_prompts": " | "}, "holds no prompt"),
+        ({"--validation_steps": "2", "--validation_prompts": ""}, "holds no prompt"),
+    ],
+)
+def test_bad_step_counts_and_empty_prompts_fail_before_loading(tmp_path, tiny_sd_dir, images, change, match):
+    argv = base_args(tiny_sd_dir, images, tmp_path / "out", 2)
+    for flag, value in change.items():
+        argv += [flag, value]  # the last occurrence of a flag wins
+    with pytest.raises(ValueError, match=match):
+        parse_config(argv)
+
+
+def test_resume_refuses_changed_flags_unless_allowed(tmp_path, tiny_sd_dir, images, caplog):
+    main, out = load_script().main, tmp_path / "out"
+    with caplog.at_level("WARNING"):
+        main(base_args(tiny_sd_dir, images, out, 2, "--resume_from_checkpoint", "latest"))
+    assert "no checkpoint in" in caplog.text and "starting from scratch" in caplog.text
+    (out / "checkpoint-1").mkdir()  # an incomplete checkpoint folder is never "latest"
+    changed = base_args(tiny_sd_dir, images, out, 3, "--resume_from_checkpoint", "latest")
+    changed[changed.index("--learning_rate") + 1] = "5e-4"
+    with pytest.raises(ValueError, match=r"different training flags \{'learning_rate': \[0.001, 0.0005\]\}"):
+        main(changed)
+    assert main([*changed, "--allow_config_change"]) == 0
+    (entry,) = [json.loads(x) for x in (out / "training_config_history.jsonl").read_text().splitlines()]
+    assert entry["changed"] == {"learning_rate": [0.001, 0.0005]} and entry["resumed_from"].endswith("checkpoint-2")
+    assert "3 optimizer steps" in (out / "README.md").read_text()
+
+
+def test_resume_with_dropout_needs_the_rng_states(tmp_path, tiny_sd_dir, images):
+    main, out = load_script().main, tmp_path / "out"
+    main(base_args(tiny_sd_dir, images, out, 2, "--lora_dropout", "0.1"))
+    (out / "checkpoint-2" / "random_states_0.pkl").unlink()
+    with pytest.raises(ValueError, match=r"random_states_0.pkl is missing or empty"):
+        main(base_args(tiny_sd_dir, images, out, 3, "--lora_dropout", "0.1", "--resume_from_checkpoint", "latest"))
+
+
+def test_a_failing_validation_neither_stops_training_nor_loses_weights(tmp_path, tiny_sd_dir, images, monkeypatch):
+    import lcm_kit.distill.outputs as outputs
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("validation broke")
+
+    monkeypatch.setattr(outputs, "validation_grid", broken)
+    out = tmp_path / "out"
+    assert load_script().main(base_args(tiny_sd_dir, images, out, 2, "--validation_steps", "1")) == 0
+    assert (out / "pytorch_lora_weights.safetensors").is_file()

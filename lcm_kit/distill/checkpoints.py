@@ -12,6 +12,7 @@ so ``--resume_from_checkpoint latest`` never picks a half-written one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -21,6 +22,14 @@ from ..atomic import save_safetensors
 from ..lora import EMA_ADAPTER, LORA_WEIGHT_NAME, adapter_state_dict, save_lora
 from .networks import Networks
 
+logger = logging.getLogger(__name__)
+CONFIG_NAME = "training_config.json"  # the resolved config of the run that wrote the checkpoint
+# Flags that may differ on resume without changing what is trained (everything else must match the checkpoint's run).
+RESUME_MAY_CHANGE = frozenset({
+    "max_train_steps", "output_dir", "resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit",
+    "validation_steps", "validation_prompts", "report_to", "dry_run", "debug_nan_at_step", "debug_param_digest",
+    "dataloader_num_workers", "allow_config_change", "prediction_type",
+})  # fmt: skip
 EMA_WEIGHT_NAME = "lora_ema_adapter.safetensors"  # lora_ema: the target adapter, peft keys
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -65,14 +74,15 @@ def register_hooks(accelerator, nets: Networks) -> None:
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints in ``output_dir``, oldest first."""
+    """Complete checkpoints in ``output_dir`` (with their ``training_state.json``), oldest first."""
     root = Path(output_dir)
     found = [p for p in root.iterdir() if p.is_dir() and _CKPT.match(p.name)] if root.is_dir() else []
+    found = [p for p in found if (p / "training_state.json").is_file()]
     return sorted(found, key=lambda p: int(_CKPT.match(p.name).group(1)))
 
 
 def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None,
-                    train_seconds: float = 0.0) -> Path:  # fmt: skip
+                    train_seconds: float = 0.0, config: dict | None = None) -> Path:  # fmt: skip
     """Saves ``checkpoint-<step>`` on all processes (temp dir + rename on the main one), prunes to ``total_limit``."""
     final = Path(output_dir) / f"checkpoint-{step}"
     tmp = Path(output_dir) / f"checkpoint-{step}.tmp"
@@ -84,6 +94,8 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
     if accelerator.is_main_process:
         (tmp / "training_state.json").write_text(json.dumps({"global_step": step}))
         (tmp / "train_time.json").write_text(json.dumps({"train_seconds": round(train_seconds, 3)}))
+        if config is not None:
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -104,11 +116,43 @@ def resolve_resume(output_dir: str, resume: str | None) -> Path | None:
         return None
     if resume == "latest":
         found = list_checkpoints(output_dir)
+        if not found:
+            logger.warning("resume_from_checkpoint latest: no checkpoint in %s, starting from scratch", output_dir)
         return found[-1] if found else None
     path = Path(resume)
     if not (path / "training_state.json").is_file():
         raise ValueError(f"resume_from_checkpoint {resume!r} is not a checkpoint folder (no training_state.json)")
     return path
+
+
+def check_resume(path: Path, config, rank: int, is_main: bool) -> None:
+    """Before anything loads: the checkpoint's run must have had the same training flags (else ``ValueError``
+    listing them, unless ``--allow_config_change``: then the change is appended to
+    ``training_config_history.jsonl``), and a run that uses the global RNG (LoRA dropout) needs its RNG states.
+    """
+    stored_path = Path(path) / CONFIG_NAME
+    if stored_path.is_file():
+        stored, now = json.loads(stored_path.read_text()), config.resolved()
+        changed = {k: [stored.get(k), now.get(k)] for k in sorted(set(stored) | set(now))
+                   if k not in RESUME_MAY_CHANGE and stored.get(k) != now.get(k)}  # fmt: skip
+        if changed and not config.output.allow_config_change:
+            raise ValueError(
+                f"resuming from {path} with different training flags {changed} (checkpoint, now); pass the "
+                "checkpoint's values, or --allow_config_change to resume anyway (exactness is then lost)"
+            )
+        if changed and is_main:
+            logger.warning("resuming from %s with changed flags %s (--allow_config_change)", path, changed)
+            history = Path(config.output.output_dir) / "training_config_history.jsonl"
+            with open(history, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"resumed_from": str(path), "changed": changed}) + "\n")
+    else:
+        logger.warning("checkpoint %s stores no training config; flags cannot be compared", path)
+    states = Path(path) / ("random_states_0.pkl" if rank == 0 else f"random_states_{rank}.pkl")
+    if config.model.lora_dropout > 0 and (not states.is_file() or states.stat().st_size == 0):
+        raise ValueError(
+            f"checkpoint file {states} is missing or empty: the RNG state that LoRA dropout draws from cannot be "
+            "restored, so the resumed run would not be exact; restore the file or resume from another checkpoint"
+        )
 
 
 def load_checkpoint(accelerator, path: Path) -> tuple[int, float]:

@@ -155,9 +155,20 @@ class OutputConfig:
     debug_nan_at_step: int | None = field(default=None, metadata={"help": "Test hook: inf data at this step."})
     debug_param_digest: bool = field(default=False, metadata={"help": "Test hook: each rank writes a digest."})
 
+    allow_config_change: bool = field(
+        default=False,
+        metadata={"help": "Resume even if flags that change the training differ from the checkpoint's run (the "
+                  "change is appended to training_config_history.jsonl)."},
+    )
+
     def __post_init__(self):
         _need(self.checkpoints_total_limit is None or self.checkpoints_total_limit > 0,
               f"checkpoints_total_limit must be > 0, got {self.checkpoints_total_limit}")  # fmt: skip
+        for name in ("checkpointing_steps", "validation_steps"):
+            _need(getattr(self, name) >= 0, f"{name} must be >= 0 (0: never), got {getattr(self, name)}")
+        _need(not self.validation_steps or bool(self.prompts),
+              f"validation_prompts {self.validation_prompts!r} holds no prompt; give '|'-separated prompts or "
+              "--validation_steps 0")  # fmt: skip
 
     @property
     def prompts(self) -> list[str]:

@@ -123,10 +123,14 @@ def _after_step(accelerator, state: TrainState, step: int, loss: float, seconds:
         update_ema(pairs, state.config.model.ema_decay)
     accelerator.log({"loss": loss, "lr": state.lr_scheduler.get_last_lr()[0]}, step=step)
     if out.checkpointing_steps and step % out.checkpointing_steps == 0:
-        path = ckpts.save_checkpoint(accelerator, out.output_dir, step, out.checkpoints_total_limit, seconds)
+        path = ckpts.save_checkpoint(accelerator, out.output_dir, step, out.checkpoints_total_limit, seconds,
+                                     state.config.resolved())  # fmt: skip
         logger.info("saved %s", path)
     if out.validation_steps and step % out.validation_steps == 0 and accelerator.is_main_process:
-        log_validation(accelerator, state, step)
+        try:
+            log_validation(accelerator, state, step)
+        except Exception:  # a failed grid must not stop training or lose its weights
+            logger.exception("validation at step %d failed; training goes on", step)
 
 
 def train(accelerator, state: TrainState, ckpt: Path | None = None) -> int:
@@ -213,6 +217,8 @@ def run(config: RunConfig) -> int:
         outputs.check_writable(config.output.output_dir)
     accelerator.wait_for_everyone()
     ckpt = ckpts.resolve_resume(config.output.output_dir, config.output.resume_from_checkpoint)  # fails before loading
+    if ckpt is not None:
+        ckpts.check_resume(ckpt, config, accelerator.process_index, accelerator.is_main_process)
     set_seed(config.optim.seed)
     state = setup(config, accelerator)
     if accelerator.is_main_process:

@@ -135,10 +135,10 @@ def write_model_card(config: RunConfig, sampling: SamplingContract, scheduler: L
     sampler = {k: scheduler.config[k] for k in SAMPLER_KEYS}
     kwargs = ", ".join(f"{k}={v!r}" for k, v in sampler.items())
     stock_kwargs = ", ".join(f"{k}={sampler[k]!r}" for k in ("original_inference_steps", "timestep_scaling"))
-    steps = (f"timesteps={list(sampling.timesteps)}" if sampling.timesteps is not None
-             else f"num_inference_steps={sampling.num_inference_steps}")  # fmt: skip
-    contract = f"objective `{sampling.objective}`, {steps}, gamma {sampler['gamma']}"
-    usage = (LORA_USAGE if lora else FULL_USAGE).format(teacher=m.pretrained_teacher_model, steps=steps,
+    call = (f"timesteps={list(sampling.timesteps)}" if sampling.timesteps is not None
+            else f"num_inference_steps={sampling.num_inference_steps}")  # fmt: skip
+    contract = f"objective `{sampling.objective}`, {call}, gamma {sampler['gamma']}"
+    usage = (LORA_USAGE if lora else FULL_USAGE).format(teacher=m.pretrained_teacher_model, steps=call,
                                                        out=config.output.output_dir, kwargs=kwargs,
                                                        stock_kwargs=stock_kwargs)  # fmt: skip
     text = MODEL_CARD.format(
