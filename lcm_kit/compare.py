@@ -5,13 +5,12 @@ records the final latents, the decoded images and the wall time, then reports:
 
 * teacher agreement -- latent MSE and pixel PSNR against the teacher's DDIM-50 solution with CFG from the same
   initial noise (the PF-ODE solution that consistency distillation learns to jump to);
-* a distribution metric -- FID / KID in the features of the in-project emoji network (:mod:`lcm_kit.eval`),
+* a distribution metric -- FID / KID in the features of the in-project emoji network (:mod:`lcm_kit.emoji`),
   against held-out real images ("FID-emoji", a stand-in for Inception-FID whose weights cannot be downloaded here).
 """
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -22,7 +21,8 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
-from .eval import feature_fid_kid, latent_mse, load_feature_net, pixel_psnr, to_unit_tensor
+from .emoji import feature_fid_kid, held_out, load_feature_net
+from .eval import latent_mse, pixel_psnr
 from .pipeline import LCMPipeline
 from .scheduler import LCMKitScheduler
 
@@ -179,14 +179,6 @@ def comparison_grid(results: list[MethodResult], prompts: Sequence[str], n: int 
             tile = Image.fromarray(arr).resize((side, side), Image.NEAREST)
             grid.paste(tile, (label_w + col * side, 14 + row * side))
     return grid
-
-
-def held_out(data_dir: str | Path, n: int | None = None) -> tuple[list[str], torch.Tensor]:
-    """The first ``n`` held-out captions of an emoji dataset and all held-out images, ``(N, 3, H, W)`` in [0, 1]."""
-    test = Path(data_dir) / "test"
-    rows = [json.loads(line) for line in (test / "metadata.jsonl").read_text(encoding="utf-8").splitlines() if line]
-    images = to_unit_tensor([Image.open(test / r["file_name"]) for r in rows])
-    return [r["text"] for r in rows[:n]], images
 
 
 def run_comparison(

@@ -8,7 +8,7 @@ from diffusers import StableDiffusionPipeline
 
 from lcm_kit import LCMPipeline
 from lcm_kit import compare as C
-from lcm_kit.eval import EmojiFeatureNet
+from lcm_kit.emoji import EmojiFeatureNet
 
 
 @pytest.fixture(scope="module")

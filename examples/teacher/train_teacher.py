@@ -49,6 +49,7 @@ from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lcm_kit.atomic import save_safetensors
+from lcm_kit.emoji import read_split
 
 
 @dataclass(frozen=True)
@@ -106,16 +107,14 @@ def build_models(vocab_size: int, bos: int, eos: int) -> tuple[AutoencoderKL, CL
 
 def load_split(data_dir: str, resolution: int) -> tuple[torch.Tensor, list[str]]:
     """Train images as a float tensor in [-1, 1], shape (N, 3, H, W), and their captions."""
-    root = Path(data_dir) / "train"
-    rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
-    arrays = []
+    rows, arrays = read_split(data_dir, "train"), []
     for r in rows:
-        image = Image.open(root / r["file_name"]).convert("RGB")
+        image = r.image()
         if image.size != (resolution, resolution):
             image = image.resize((resolution, resolution), Image.LANCZOS)
         arrays.append(np.asarray(image))
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return pixels, [r["text"] for r in rows]
+    return pixels, [r.text for r in rows]
 
 
 def save_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
