@@ -1,13 +1,20 @@
 """Quality and speed of the LCM students against the teacher's own samplers, on the built-in emoji teacher.
 
-    python bench/quality.py [--lora_dir DIR|none] [--full_dir DIR|none] [--tcd_gamma 0] [--num_eval 0]
+    python bench/quality.py [--lora_dir [LABEL=]DIR|none ...] [--full_dir [LABEL=]DIR|none ...] [--tcd_gamma 0]
+                            [--num_eval 0] [--no_teacher_lcm]
 
 Same table as the README's main job (lcm_kit.compare) with wall time per image: teacher DDIM-50 with CFG is the
-reference; teacher DDIM-4 and DPM-Solver++-4 (CFG) are its own few-step samplers; the LCM-LoRA (no CFG) and the
-full LCM (w-embedding) run 1, 2 and 4 steps (by default the two students committed under ``models/``), and with
-``--tcd_gamma G`` also 2 and 4 steps of TCD sampling. All from the same initial noise. Wall times are of one
-batched call over all prompts, to latents: the median of --repeats rounds, each round calling every method once in
-a rotated order (lcm_kit.compare.time_interleaved); speed-up is relative to DDIM-50 in the same run.
+reference; teacher DDIM-4 and DPM-Solver++-4 (CFG) are its own few-step samplers; "teacher + LCM sampler" is the
+teacher UNet with no distillation in LCMPipeline at guidance 1 (1, 2, 4 steps, and TCD gamma=0 at 2 and 4 steps):
+the baseline a student has to beat. The LCM-LoRA (no CFG) and the full LCM (w-embedding) run 1, 2 and 4 steps (by
+default the two students committed under ``models/``), and with ``--tcd_gamma G`` also 2 and 4 steps of TCD
+sampling. All from the same initial noise; FID-emoji / KID-emoji (seeded KID) against the held-out real images.
+Wall times are of one batched call over all prompts, to latents: the median of --repeats rounds, each round calling
+every method once in a rotated order (lcm_kit.compare.time_interleaved); speed-up is relative to DDIM-50.
+
+Several trained students of one recipe (e.g. seeds): repeat ``--lora_dir`` (or ``--full_dir``), optionally
+labelled ``LABEL=DIR`` (default label: the folder name). Their rows carry the label, and a second table gives the
+mean and range (min-max) of latent MSE and FID-emoji per configuration and step count.
 """
 
 from __future__ import annotations
@@ -19,23 +26,42 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def labelled_folders(values: list[str] | None, default: str, flag: str) -> dict[str, str]:
+    """``{label: folder}`` from repeated ``[LABEL=]DIR`` values (``none`` values skipped; no value: ``default``).
+
+    Raises:
+        ValueError: Naming ``flag`` if two folders get the same label.
+    """
+    out: dict[str, str] = {}
+    for value in values or [default]:
+        if value == "none":
+            continue
+        label, sep, folder = value.partition("=")
+        label, folder = (label, folder) if sep else (Path(value).name, value)
+        if label in out:
+            raise ValueError(f"{flag}: two folders are labelled {label!r}; name them {flag} LABEL=DIR")
+        out[label] = folder
+    return out
+
+
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", default=str(ROOT / "models" / "tiny-emoji-sd"))
     p.add_argument("--data_dir", default=str(ROOT / "data" / "emoji32"))
     p.add_argument(
         "--lora_dir",
-        default=str(ROOT / "models" / "tiny-emoji-lcm-lora"),
-        help="LCM-LoRA folder ('none': skip); default: the committed one (the README main job's recipe)",
+        action="append",
+        help="LCM-LoRA folder, [LABEL=]DIR, repeatable ('none': skip); default: the committed one (the README main "
+        "job's recipe)",
     )
     p.add_argument(
         "--full_dir",
-        default=str(ROOT / "models" / "tiny-emoji-lcm"),
-        help="full LCM pipeline folder ('none': skip); default: the committed one",
+        action="append",
+        help="full LCM pipeline folder, [LABEL=]DIR, repeatable ('none': skip); default: the committed one",
     )
     p.add_argument("--num_eval", type=int, default=0, help="held-out prompts (0: all)")
     p.add_argument("--guidance_scale", type=float, default=5.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise, LCM re-noising and KID subsets")
     p.add_argument(
         "--repeats", type=int, default=3, help="timing rounds (every method once per round); the median is reported"
     )
@@ -46,17 +72,24 @@ def main(argv: list[str] | None = None) -> str:
         default=[],
         help="also sample each student at 2 and 4 steps with this TCD gamma (0: deterministic); repeatable",
     )
+    p.add_argument("--no_teacher_lcm", action="store_true", help="leave out the teacher + LCM sampler rows")
     args = p.parse_args(argv)
     from lcm_kit import compare as C
+    from lcm_kit.emoji import held_out, load_feature_net
 
-    lora_dir, full_dir = (None if d == "none" else d for d in (args.lora_dir, args.full_dir))
-    runs, _ = C.run_comparison(args.teacher, args.data_dir, lora_dir, full_dir, args.num_eval or None,
-                               args.guidance_scale, seed=args.seed, repeats=args.repeats,
-                               tcd_gammas=args.tcd_gamma)  # fmt: skip
+    loras = labelled_folders(args.lora_dir, str(ROOT / "models" / "tiny-emoji-lcm-lora"), "--lora_dir")
+    fulls = labelled_folders(args.full_dir, str(ROOT / "models" / "tiny-emoji-lcm"), "--full_dir")
+    prompts, real = held_out(args.data_dir, args.num_eval or None)
+    runs = C.run_comparison(args.teacher, prompts, real, load_feature_net(), loras, fulls, args.guidance_scale,
+                            seed=args.seed, repeats=args.repeats, tcd_gammas=args.tcd_gamma,
+                            teacher_lcm=not args.no_teacher_lcm)  # fmt: skip
     table = C.format_table(runs, "DDIM-50")
+    summary = C.format_summary(runs)
     print(" ".join(["python", "bench/quality.py", *(argv if argv is not None else sys.argv[1:])]))
     print(table)
-    return table
+    if summary:
+        print(f"\nMean (min-max) over the trained students of each configuration:\n{summary}")
+    return table + ("\n\n" + summary if summary else "")
 
 
 if __name__ == "__main__":

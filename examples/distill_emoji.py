@@ -6,8 +6,10 @@
 2. Runs the real distiller, ``train/distill_lora.py`` (the same script ``accelerate launch`` runs), on the committed
    teacher ``models/tiny-emoji-sd``.
 3. Samples held-out prompts from the same initial noise with the teacher's DDIM-50 (the reference), DDIM-1/2/4 and
-   DPM-Solver++-2/4 (all with CFG), and with the LCM-LoRA at 1, 2 and 4 steps; writes ``comparison.png`` and
-   ``metrics.md`` into the output folder and prints the table (see :mod:`lcm_kit.compare`).
+   DPM-Solver++-2/4 (all with CFG), the teacher UNet with no distillation in the LCM sampler (guidance 1; 1, 2, 4
+   steps, and TCD gamma=0 at 2 and 4 steps: the baseline), and the LCM-LoRA at 1, 2 and 4 steps; scores them
+   (latent MSE / PSNR vs DDIM-50, FID-emoji / KID-emoji vs the held-out images: :mod:`lcm_kit.emoji`), writes
+   ``comparison.png`` and ``metrics.md`` into the output folder and prints the table (see :mod:`lcm_kit.compare`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lcm_kit.guidance import Guidance
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,8 +50,8 @@ def ensure_dataset(data_dir: Path, size: int) -> None:
     print(build_emoji_dataset(data_dir, size=size), flush=True)
 
 
-def distill(args: argparse.Namespace, resolution: int) -> None:
-    w = args.guidance_scale - 1
+def distill(args: argparse.Namespace, resolution: int, teacher_guidance: Guidance) -> None:
+    w = teacher_guidance.w  # the teacher runs CFG at guidance_scale; the LoRA learns its solution at this w
     cmd = [
         sys.executable, str(ROOT / "train" / "distill_lora.py"),
         "--pretrained_teacher_model", args.teacher, "--train_data_dir", str(Path(args.data_dir) / "train"),
@@ -61,9 +67,11 @@ def distill(args: argparse.Namespace, resolution: int) -> None:
 
 def compare(args: argparse.Namespace) -> str:
     from lcm_kit import compare as C
+    from lcm_kit.emoji import held_out, load_feature_net
 
-    runs, prompts = C.run_comparison(args.teacher, args.data_dir, lora_dir=args.output_dir, num_eval=args.num_eval,
-                                     guidance_scale=args.guidance_scale, seed=args.seed)  # fmt: skip
+    prompts, real = held_out(args.data_dir, args.num_eval)
+    runs = C.run_comparison(args.teacher, prompts, real, load_feature_net(), {"LCM-LoRA": args.output_dir},
+                            guidance_scale=args.guidance_scale, seed=args.seed, teacher_lcm=True)  # fmt: skip
     out = Path(args.output_dir)
     C.comparison_grid(runs, prompts).save(out / "comparison.png")
     table = C.format_table(runs, "DDIM-50")
@@ -72,13 +80,15 @@ def compare(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
+    from lcm_kit.guidance import Guidance
+
     args = parse_args(argv)
     unet_cfg = json.loads((Path(args.teacher) / "unet" / "config.json").read_text())
     vae_cfg = json.loads((Path(args.teacher) / "vae" / "config.json").read_text())
     resolution = unet_cfg["sample_size"] * 2 ** (len(vae_cfg["block_out_channels"]) - 1)
     ensure_dataset(Path(args.data_dir), resolution)
     if not args.skip_training:
-        distill(args, resolution)
+        distill(args, resolution, Guidance.decide(unet_cfg, args.guidance_scale))
     table = compare(args)
     print(table)
     print(f"\nwrote {Path(args.output_dir) / 'comparison.png'} and metrics.md")

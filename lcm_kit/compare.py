@@ -1,20 +1,20 @@
 """Side-by-side comparison of a teacher's own samplers and its LCM students, from the same initial noise.
 
-Used by the README's main job (``examples/distill_emoji.py``) and by ``bench/quality.py``. For every method it
-records the final latents, the decoded images and the wall time, then reports:
-
-* teacher agreement -- latent MSE and pixel PSNR against the teacher's DDIM-50 solution with CFG from the same
-  initial noise (the PF-ODE solution that consistency distillation learns to jump to);
-* a distribution metric -- FID / KID in the features of the in-project emoji network (:mod:`lcm_kit.eval`),
-  against held-out real images ("FID-emoji", a stand-in for Inception-FID whose weights cannot be downloaded here).
+Generic over teacher and data: the caller passes the prompts, the real images and the feature network (the emoji
+defaults come from :mod:`lcm_kit.emoji`, in ``examples/distill_emoji.py`` and ``bench/quality.py``). Each method's
+final latents, decoded images and wall time are scored by teacher agreement (latent MSE, pixel PSNR against the
+teacher's DDIM-50 with CFG from the same noise: the PF-ODE solution consistency distillation learns to jump to) and
+FID / KID (:func:`lcm_kit.eval.fid_kid`, seeded KID) in the network's features, labelled by its ``metric_name``
+("FID-emoji"). Rows: teacher DDIM-50 (reference) and few-step samplers; optionally the bare teacher UNet in
+:class:`LCMPipeline` (no distillation: the baseline a student has to beat); each student at 1, 2, 4 steps (and TCD
+rows). Several students of one recipe (seeds) carry run labels; :func:`format_summary` gives their mean and spread.
 """
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,11 +22,14 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
-from .eval import feature_fid_kid, latent_mse, load_feature_net, pixel_psnr, to_unit_tensor
+from .eval import fid_kid, latent_mse, pixel_psnr
+from .guidance import Guidance
 from .pipeline import LCMPipeline
 from .scheduler import LCMKitScheduler
 
 TEACHER_FEW_STEP = (("ddim", 1), ("ddim", 2), ("ddim", 4), ("dpmpp", 2), ("dpmpp", 4))  # (solver, steps) rows
+LCM_STEPS, TCD_STEPS = (1, 2, 4), (2, 4)  # steps of each student's plain LCM rows and of its TCD rows
+TEACHER_LCM = "teacher + LCM sampler"  # the bare teacher UNet (no distillation) in LCMPipeline at guidance 1
 
 
 @dataclass
@@ -40,6 +43,7 @@ class MethodResult:
         latents: Final latents ``(N, 4, h, w)`` (what the VAE decodes, before the scaling factor is undone).
         images: Decoded images ``(N, 3, H, W)`` in ``[0, 1]``.
         seconds_per_image: Wall time of sampling the whole batch (to latents) divided by ``N``.
+        run: Which of several trained students of the same configuration (e.g. a seed); ``""`` if only one.
         metrics: Filled by :func:`score`.
         sample: Re-runs the method on the same inputs (used by :func:`time_interleaved`).
     """
@@ -50,8 +54,14 @@ class MethodResult:
     latents: torch.Tensor
     images: torch.Tensor
     seconds_per_image: float
+    run: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     sample: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def label(self) -> str:
+        """Row label: ``name``, and ``[run]`` when set."""
+        return f"{self.name} [{self.run}]" if self.run else self.name
 
 
 def initial_noise(n: int, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
@@ -88,15 +98,9 @@ def _decode(vae, latents: torch.Tensor) -> torch.Tensor:
 
 
 def run_teacher(
-    pipe: StableDiffusionPipeline,
-    prompts: Sequence[str],
-    noise: torch.Tensor,
-    solver: str,
-    steps: int,
-    guidance_scale: float,
-    seed: int = 0,
-    repeats: int = 1,
-) -> MethodResult:
+    pipe: StableDiffusionPipeline, prompts: Sequence[str], noise: torch.Tensor, solver: str, steps: int,
+    guidance_scale: float, seed: int = 0, repeats: int = 1,
+) -> MethodResult:  # fmt: skip
     """The teacher with ``"ddim"`` (eta 0) or ``"dpmpp"`` (DPM-Solver++ 2M) and classic CFG."""
     classes = {"ddim": DDIMScheduler, "dpmpp": DPMSolverMultistepScheduler}
     if solver not in classes:
@@ -105,28 +109,27 @@ def run_teacher(
                       seed)  # fmt: skip
     latents, seconds = _timed(sample, repeats)
     images = _decode(pipe.vae, latents)
-    evals = steps * (2 if guidance_scale > 1 else 1)
+    evals = steps * Guidance.decide(pipe.unet.config, guidance_scale).unet_evals_per_step
     label = {"ddim": "teacher DDIM", "dpmpp": "teacher DPM-Solver++"}[solver]
     return MethodResult(label, steps, evals, latents, images, seconds / len(prompts), sample=sample)
 
 
 def run_lcm(
     pipe: LCMPipeline, name: str, prompts: Sequence[str], noise: torch.Tensor, steps: int, guidance_scale: float,
-    seed: int = 0, repeats: int = 1,
+    seed: int = 0, repeats: int = 1, run: str = "",
 ) -> MethodResult:  # fmt: skip
-    """An LCM student (LoRA on the teacher UNet, or a full LCM UNet) with :class:`LCMPipeline` and its current
-    scheduler."""
+    """An LCM student (LoRA on the teacher UNet, or a full LCM UNet; or the bare teacher UNet as a baseline) with
+    :class:`LCMPipeline` and its current scheduler; ``run`` labels one of several students of one configuration."""
     sample = _sampler(pipe, pipe.scheduler, prompts, noise, steps, guidance_scale, seed)
     latents, seconds = _timed(sample, repeats)
-    evals = steps * (2 if (not pipe.has_w_embedding and guidance_scale > 1) else 1)
+    evals = steps * Guidance.decide(pipe.unet.config, guidance_scale).unet_evals_per_step
     images = _decode(pipe.vae, latents)
-    return MethodResult(name, steps, evals, latents, images, seconds / len(prompts), sample=sample)
+    return MethodResult(name, steps, evals, latents, images, seconds / len(prompts), run, sample=sample)
 
 
 def time_interleaved(results: Sequence[MethodResult], rounds: int, n_images: int) -> None:
     """Re-times every method ``rounds`` times, interleaved (each round calls every method once, the order rotated
-    by one each round, so drifts in machine load spread over all methods); sets ``seconds_per_image`` to the median.
-    """
+    by one each round, so drifts in machine load spread over all methods); sets ``seconds_per_image`` to the median."""
     if rounds < 1:
         return
     times: list[list[float]] = [[] for _ in results]
@@ -137,29 +140,73 @@ def time_interleaved(results: Sequence[MethodResult], rounds: int, n_images: int
         r.seconds_per_image = statistics.median(t) / n_images
 
 
-def score(results: list[MethodResult], reference: MethodResult, real_images: torch.Tensor, feature_net) -> None:
-    """Fills ``metrics`` of every result: agreement with ``reference`` and FID/KID-emoji against ``real_images``."""
+def score(
+    results: list[MethodResult], reference: MethodResult, real_images: torch.Tensor, feature_net: torch.nn.Module,
+    seed: int = 0,
+) -> None:  # fmt: skip
+    """Fills ``metrics``: agreement with ``reference`` (``latent_mse``, ``psnr_db``), ``speedup``, and FID/KID
+    against ``real_images`` (:func:`lcm_kit.eval.fid_kid`, KID seeded with ``seed``) as ``fid_<name>``,
+    ``kid_<name>``, ``kid_<name>_std``, ``name`` being ``feature_net.metric_name`` (else ``"features"``)."""
+    name = getattr(feature_net, "metric_name", "features")
     for r in results:
         r.metrics["latent_mse"] = latent_mse(r.latents, reference.latents)
         r.metrics["psnr_db"] = pixel_psnr(r.images, reference.images)
-        r.metrics.update(feature_fid_kid(real_images, r.images, feature_net))
+        dist = fid_kid(real_images, r.images, feature_net, seed=seed)
+        r.metrics.update({f"fid_{name}": dist["fid"], f"kid_{name}": dist["kid"], f"kid_{name}_std": dist["kid_std"]})
         r.metrics["speedup"] = reference.seconds_per_image / r.seconds_per_image
+
+
+def _feature_name(results: Sequence[MethodResult]) -> str:
+    """The ``<name>`` of the ``fid_<name>`` metric that :func:`score` filled."""
+    return next(k for k in results[0].metrics if k.startswith("fid_"))[len("fid_") :]
 
 
 def format_table(results: list[MethodResult], reference_name: str) -> str:
     """A Markdown table of the results (metrics filled by :func:`score`)."""
+    f = _feature_name(results)
     head = (
         f"| method | steps | UNet evals | latent MSE vs {reference_name} | PSNR dB vs {reference_name} | "
-        "FID-emoji | KID-emoji | time/image | speed-up |"
+        f"FID-{f} | KID-{f} | time/image | speed-up |"
     )
     lines = [head, "|" + "---|" * 9]
     for r in results:
         m = r.metrics
         psnr = "ref" if m["latent_mse"] == 0 else f"{m['psnr_db']:.1f}"
         lines.append(
-            f"| {r.name} | {r.steps} | {r.unet_evals} | {m['latent_mse']:.4f} | {psnr} | {m['fid_emoji']:.2f} | "
-            f"{m['kid_emoji']:.4f} | {r.seconds_per_image * 1000:.1f} ms | {m['speedup']:.1f}x |"
+            f"| {r.label} | {r.steps} | {r.unet_evals} | {m['latent_mse']:.4f} | {psnr} | {m[f'fid_{f}']:.2f} | "
+            f"{m[f'kid_{f}']:.4f} | {r.seconds_per_image * 1000:.1f} ms | {m['speedup']:.1f}x |"
         )
+    return "\n".join(lines)
+
+
+def summarize_runs(results: Sequence[MethodResult], keys: Sequence[str]) -> list[tuple[str, int, int, dict]]:
+    """Mean and spread over the runs (trained students) of each configuration ``(name, steps)`` with 2 or more runs.
+
+    Returns:
+        ``(name, steps, n_runs, {key: (mean, min, max)})`` in first-appearance order.
+    """
+    groups: dict[tuple[str, int], list[MethodResult]] = {}
+    for r in results:
+        groups.setdefault((r.name, r.steps), []).append(r)
+    out = []
+    for (name, steps), rs in groups.items():
+        if len({r.run for r in rs}) >= 2:
+            values = {k: [r.metrics[k] for r in rs] for k in keys}
+            out.append((name, steps, len(rs), {k: (statistics.fmean(v), min(v), max(v)) for k, v in values.items()}))
+    return out
+
+
+def format_summary(results: Sequence[MethodResult]) -> str:
+    """A Markdown table of mean (min-max) latent MSE and FID over the runs of each configuration with 2 or more
+    runs (:func:`summarize_runs`); ``""`` if there is none."""
+    f = _feature_name(results)
+    rows = summarize_runs(results, ("latent_mse", f"fid_{f}"))
+    if not rows:
+        return ""
+    lines = [f"| method | steps | runs | latent MSE mean (min-max) | FID-{f} mean (min-max) |", "|" + "---|" * 5]
+    for name, steps, n, st in rows:
+        mse, fid = "{:.4f} ({:.4f}-{:.4f})".format(*st["latent_mse"]), "{:.2f} ({:.2f}-{:.2f})".format(*st[f"fid_{f}"])
+        lines.append(f"| {name} | {steps} | {n} | {mse} | {fid} |")
     return "\n".join(lines)
 
 
@@ -173,7 +220,7 @@ def comparison_grid(results: list[MethodResult], prompts: Sequence[str], n: int 
     for col in range(n):
         draw.text((label_w + col * side + 2, 1), prompts[col][: side // 6], fill="black")
     for row, r in enumerate(results):
-        draw.text((4, 14 + row * side + side // 2 - 6), f"{r.name} {r.steps}", fill="black")
+        draw.text((4, 14 + row * side + side // 2 - 6), f"{r.label} {r.steps}", fill="black")
         for col in range(n):
             arr = (r.images[col].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
             tile = Image.fromarray(arr).resize((side, side), Image.NEAREST)
@@ -181,72 +228,72 @@ def comparison_grid(results: list[MethodResult], prompts: Sequence[str], n: int 
     return grid
 
 
-def held_out(data_dir: str | Path, n: int | None = None) -> tuple[list[str], torch.Tensor]:
-    """The first ``n`` held-out captions of an emoji dataset and all held-out images, ``(N, 3, H, W)`` in [0, 1]."""
-    test = Path(data_dir) / "test"
-    rows = [json.loads(line) for line in (test / "metadata.jsonl").read_text(encoding="utf-8").splitlines() if line]
-    images = to_unit_tensor([Image.open(test / r["file_name"]) for r in rows])
-    return [r["text"] for r in rows[:n]], images
+def _students(teacher_dir, lora_dirs, full_dirs, lcm_guidance_scale, tcd_gammas, teacher_lcm) -> list[tuple]:
+    """``(name, run, pipeline, guidance_scale, tcd_gammas)`` of every LCM-sampled row group, in table order."""
+    out = []
+    if teacher_lcm:
+        out.append((TEACHER_LCM, "", LCMPipeline.from_pretrained(teacher_dir, safety_checker=None), 1.0, (0.0,)))
+    for run, path in (lora_dirs or {}).items():
+        pipe = LCMPipeline.from_pretrained(teacher_dir, safety_checker=None)
+        pipe.load_lora_weights(path)
+        pipe.fuse_lora()  # merged into the UNet weights (same images, no per-layer adapter cost), as for deployment
+        out.append(("LCM-LoRA", run if len(lora_dirs) > 1 else "", pipe, 1.0, tuple(tcd_gammas)))
+    for run, path in (full_dirs or {}).items():
+        pipe = LCMPipeline.from_pretrained(path)
+        out.append(("LCM (full)", run if len(full_dirs) > 1 else "", pipe, lcm_guidance_scale, tuple(tcd_gammas)))
+    return out
 
 
 def run_comparison(
     teacher_dir: str | Path,
-    data_dir: str | Path,
-    lora_dir: str | Path | None = None,
-    full_dir: str | Path | None = None,
-    num_eval: int | None = 64,
+    prompts: Sequence[str],
+    real_images: torch.Tensor,
+    feature_net: torch.nn.Module,
+    lora_dirs: Mapping[str, str | Path] | None = None,
+    full_dirs: Mapping[str, str | Path] | None = None,
     guidance_scale: float = 5.0,
     lcm_guidance_scale: float | None = None,
     seed: int = 0,
     repeats: int = 1,
-    feature_net: torch.nn.Module | None = None,
     tcd_gammas: Sequence[float] = (),
-) -> tuple[list[MethodResult], list[str]]:
-    """Teacher DDIM-50 (reference), its few-step samplers (:data:`TEACHER_FEW_STEP`), then each student at 1, 2 and 4
-    steps with plain LCM sampling (and at 2 and 4 steps with each of ``tcd_gammas``), all scored.
+    teacher_lcm: bool = False,
+) -> list[MethodResult]:
+    """Teacher DDIM-50 (reference) and :data:`TEACHER_FEW_STEP`, optionally :data:`TEACHER_LCM`, then each student
+    at :data:`LCM_STEPS` (plain LCM) and :data:`TCD_STEPS` (each of ``tcd_gammas``), all scored.
 
     Args:
         teacher_dir: The teacher SD folder.
-        data_dir: Emoji dataset folder with a ``test/`` split (prompts and real images for FID/KID-emoji).
-        lora_dir: Folder with ``pytorch_lora_weights.safetensors`` (LCM-LoRA on the teacher UNet), fused into the
-            UNet and sampled without CFG (guidance is distilled into it).
-        full_dir: A full LCM pipeline folder (UNet with a w-embedding), sampled at ``lcm_guidance_scale``.
-        num_eval: Number of held-out prompts (None: all).
+        prompts: Evaluation prompts.
+        real_images: Real images of the FID/KID reference set, ``(N, 3, H, W)`` in [0, 1].
+        feature_net: Feature network of FID/KID (its ``metric_name`` labels the metric).
+        lora_dirs: ``{run label: folder}`` of LCM-LoRAs on the teacher UNet, fused, sampled at guidance 1 (no CFG).
+            Several folders (e.g. seeds): rows carry the label (:attr:`MethodResult.run`); a single one's do not.
+        full_dirs: ``{run label: folder}`` of full LCM pipelines (w-embedding UNet), at ``lcm_guidance_scale``.
         guidance_scale: Teacher CFG scale (usual convention).
         lcm_guidance_scale: Guidance of the full LCM's w-embedding (default: ``guidance_scale``).
-        seed: Seed of the initial noise (example ``i`` uses ``seed + i``) and of the LCM re-noising.
-        repeats: Timing rounds (:func:`time_interleaved`: every method once per round, median reported), after one
-            untimed warm-up call of each pipeline and the scored call of each method.
-        feature_net: Feature network of FID/KID-emoji (default: the committed one, :func:`load_feature_net`).
-        tcd_gammas: Extra rows sampled with :class:`LCMKitScheduler` ``gamma`` (TCD's stochasticity; ``0`` keeps every
-            step on the trajectory of the initial noise, which is what the agreement metric measures).
+        seed: Seed of the initial noise (example ``i``: ``seed + i``), of the LCM re-noising and of KID.
+        repeats: Timing rounds (:func:`time_interleaved`), after a warm-up call of each pipeline and the scored calls.
+        tcd_gammas: Extra student rows with :class:`LCMKitScheduler` ``gamma`` (TCD; ``0``: deterministic steps).
+        teacher_lcm: Add :data:`TEACHER_LCM`, the no-distillation baseline: the bare teacher UNet in
+            :class:`LCMPipeline` at guidance 1, plain LCM at 1, 2, 4 steps and TCD ``gamma=0`` at 2, 4 steps.
     """
     teacher = StableDiffusionPipeline.from_pretrained(teacher_dir, safety_checker=None)
     teacher.set_progress_bar_config(disable=True)
-    prompts, real = held_out(data_dir, num_eval)
-    cfg = teacher.unet.config
-    noise = initial_noise(len(prompts), (cfg.in_channels, cfg.sample_size, cfg.sample_size), seed)
+    prompts, c = list(prompts), teacher.unet.config
+    noise = initial_noise(len(prompts), (c.in_channels, c.sample_size, c.sample_size), seed)
     teacher(prompts[:1], num_inference_steps=1, output_type="latent")  # warm-up: first calls pay one-off costs
-    runs = [run_teacher(teacher, prompts, noise, "ddim", 50, guidance_scale, seed)]
-    for solver, steps in TEACHER_FEW_STEP:
-        runs.append(run_teacher(teacher, prompts, noise, solver, steps, guidance_scale, seed))
-    students = []
-    if lora_dir is not None:
-        lora = LCMPipeline.from_pretrained(teacher_dir, safety_checker=None)
-        lora.load_lora_weights(lora_dir)
-        lora.fuse_lora()  # merged into the UNet weights (same images, no per-layer adapter cost), as for deployment
-        students.append(("LCM-LoRA", lora, 1.0))
-    if full_dir is not None:
-        students.append(("LCM (full)", LCMPipeline.from_pretrained(full_dir), lcm_guidance_scale or guidance_scale))
-    for name, pipe, scale in students:
+    teacher_rows = (("ddim", 50),) + TEACHER_FEW_STEP
+    runs = [run_teacher(teacher, prompts, noise, solver, k, guidance_scale, seed) for solver, k in teacher_rows]
+    students = _students(teacher_dir, lora_dirs, full_dirs, lcm_guidance_scale or guidance_scale, tcd_gammas,
+                         teacher_lcm)  # fmt: skip
+    for name, run, pipe, scale, gammas in students:
         pipe.set_progress_bar_config(disable=True)
         pipe(prompts[:1], num_inference_steps=1, output_type="latent")  # warm-up
-        runs += [run_lcm(pipe, name, prompts, noise, k, scale, seed) for k in (1, 2, 4)]
+        runs += [run_lcm(pipe, name, prompts, noise, k, scale, seed, run=run) for k in LCM_STEPS]
         lcm_config = pipe.scheduler.config
-        for gamma in tcd_gammas:
-            pipe.scheduler = LCMKitScheduler.from_config(lcm_config, gamma=gamma)
-            label = f"{name}, TCD γ={gamma:g}"
-            runs += [run_lcm(pipe, label, prompts, noise, k, scale, seed) for k in (2, 4)]
+        for gamma in gammas:
+            pipe.scheduler, tcd = LCMKitScheduler.from_config(lcm_config, gamma=gamma), f"{name}, TCD γ={gamma:g}"
+            runs += [run_lcm(pipe, tcd, prompts, noise, k, scale, seed, run=run) for k in TCD_STEPS]
     time_interleaved(runs, repeats, len(prompts))
-    score(runs, runs[0], real, feature_net if feature_net is not None else load_feature_net())
-    return runs, prompts
+    score(runs, runs[0], real_images, feature_net, seed)
+    return runs

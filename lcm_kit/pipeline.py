@@ -2,9 +2,10 @@
 
 Works with an LCM UNet (``unet.config.time_cond_proj_dim`` set: guidance enters as a ``w`` embedding, one UNet pass
 a step) and with a plain SD1.x/2.x UNet plus an LCM-LoRA (classic classifier-free guidance, cond and uncond in one
-batched pass, only when ``guidance_scale > 1``). Each step is :meth:`LCMKitScheduler.step` (LCM Algorithm 3); all
-formulas come from :mod:`lcm_kit.functional`. Noise is drawn in the same order as diffusers' LCM pipelines, so the
-same seed gives the same images.
+batched pass, only when ``guidance_scale > 1``); :class:`lcm_kit.guidance.Guidance` makes that decision once per
+call. Each step is :meth:`LCMKitScheduler.step` (LCM Algorithm 3); all formulas come from :mod:`lcm_kit.functional`.
+Argument checks and defaults, VAE encoding / decoding and the save format are in :mod:`lcm_kit.pipeline_utils`.
+Noise is drawn in the same order as diffusers' LCM pipelines, so the same seed gives the same images.
 """
 
 from __future__ import annotations
@@ -23,15 +24,15 @@ from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput, StableDiffusionSafetyChecker
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from . import functional as F
+from . import guidance as G
 from . import pipeline_utils as U
 from .scheduler import LCMKitScheduler
 
 OutputType = Literal["pil", "np", "pt", "latent"]
-DEFAULT_STRENGTH = 0.8  # diffusers' LCM img2img default
+DEFAULT_STRENGTH = U.DEFAULT_STRENGTH
 
 
 class LCMPipeline(
@@ -124,11 +125,11 @@ class LCMPipeline(
     @property
     def has_w_embedding(self) -> bool:
         """Whether the UNet takes the guidance strength as an embedding (an LCM UNet) rather than needing CFG."""
-        return self.unet.config.time_cond_proj_dim is not None
+        return G.has_w_embedding(self.unet.config)
 
     def default_guidance_scale(self) -> float:
         """8.5 for an LCM UNet (diffusers' LCM default, ``w = 7.5``); 1.0 (no CFG, one pass a step) otherwise."""
-        return 8.5 if self.has_w_embedding else 1.0
+        return G.default_guidance_scale(self.unet.config)
 
     # ---- call -------------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -201,25 +202,20 @@ class LCMPipeline(
             ``StableDiffusionPipelineOutput(images, nsfw_content_detected)`` (or the tuple); the decoded image is the
             last step's ``denoised``, as in diffusers' LCM pipelines.
         """
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        cb_inputs = list(callback_on_step_end_tensor_inputs or ["latents"])
-        strength = DEFAULT_STRENGTH if image is not None and strength is None else strength
-        guidance_scale = self.default_guidance_scale() if guidance_scale is None else guidance_scale
-        height, width = self._default_size(image, height, width)
-        U.check_prompt_args(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
-        batch_size = U.batch_size_of(prompt, prompt_embeds)
-        U.check_sampling_args(
-            height=height, width=width, vae_scale_factor=self.vae_scale_factor,
-            num_inference_steps=num_inference_steps, timesteps=timesteps, image=image, strength=strength,
-            num_images_per_prompt=num_images_per_prompt, generator=generator, batch_size=batch_size,
-            output_type=output_type, callback_inputs=cb_inputs, allowed_callback_inputs=self._callback_tensor_inputs,
+        guidance = G.Guidance.decide(self.unet.config, guidance_scale)
+        args = U.check_call_args(
+            self, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, image=image, strength=strength, height=height, width=width,
+            num_inference_steps=num_inference_steps, timesteps=timesteps, num_images_per_prompt=num_images_per_prompt,
+            generator=generator, output_type=output_type, callback=callback_on_step_end,
+            callback_inputs=callback_on_step_end_tensor_inputs,
         )  # fmt: skip
+        batch_size, height, width, strength, cb_inputs = args
         self._cross_attention_kwargs = cross_attention_kwargs
         device = self._execution_device
         cond, uncond = self._encode_text(
-            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, guidance_scale,
-            clip_skip, device,
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, guidance, clip_skip,
+            device,
         )  # fmt: skip
         self.scheduler.set_timesteps(
             None if timesteps is not None else num_inference_steps, device, original_inference_steps, timesteps,
@@ -227,40 +223,29 @@ class LCMPipeline(
         )  # fmt: skip
         total = batch_size * num_images_per_prompt
         if latents is None:
-            latents = self._initial_latents(image, total, num_images_per_prompt, height, width, cond, generator)
+            latents = U.initial_latents(self, image, total, num_images_per_prompt, height, width, cond, generator)
+        w_embedding = guidance.embedding(total)
         state = {
             "latents": latents.to(device=device, dtype=cond.dtype),
             "denoised": None,
             "prompt_embeds": cond,
             "negative_prompt_embeds": uncond,
-            "w_embedding": self._w_embedding(guidance_scale, total, device, cond.dtype),
+            "w_embedding": None if w_embedding is None else w_embedding.to(device=device, dtype=cond.dtype),
         }
-        denoised = self._denoise(state, F.guidance_w(guidance_scale), generator, callback_on_step_end, cb_inputs)
-        images, nsfw = self._decode(denoised, output_type, device, cond.dtype)
+        denoised = self._denoise(state, guidance.w, generator, callback_on_step_end, cb_inputs)
+        images, nsfw = U.decode_output(self, denoised, output_type, device, cond.dtype)
         self.maybe_free_model_hooks()
         if not return_dict:
             return images, nsfw
         return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)
 
     # ---- steps of __call__ ------------------------------------------------------------------------------------------
-    def _default_size(self, image: PipelineImageInput | None, height: int | None, width: int | None):
-        """``(height, width)``: given values as they are, else the UNet sample size or the image's (rounded down)."""
-        if image is not None:
-            h, w = self.image_processor.get_default_height_width(image)
-            return height or h, width or w
-        size = self.unet.config.sample_size * self.vae_scale_factor
-        return height or size, width or size
-
     def _encode_text(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
-                     guidance_scale, clip_skip, device) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+                     guidance: G.Guidance, clip_skip, device) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
         """``(cond, uncond)`` embeddings ``(B * num_images_per_prompt, L, D)``; ``uncond`` is ``None`` unless CFG."""
-        do_cfg = not self.has_w_embedding and guidance_scale > 1
-        if not do_cfg and (negative_prompt is not None or negative_prompt_embeds is not None):
-            why = (
-                "with an LCM UNet (time_cond_proj_dim set): guidance is the w embedding"
-                if self.has_w_embedding
-                else f"at guidance_scale={guidance_scale} <= 1"
-            )
+        do_cfg = guidance.do_cfg
+        why = guidance.negative_prompt_unused_reason()
+        if why is not None and (negative_prompt is not None or negative_prompt_embeds is not None):
             warnings.warn(f"negative_prompt has no effect {why}, and no unconditional pass is run", stacklevel=3)
         if isinstance(prompt, list) and isinstance(negative_prompt, str):  # one negative prompt for all prompts
             negative_prompt = [negative_prompt] * len(prompt)
@@ -273,29 +258,6 @@ class LCMPipeline(
         # the UNet's dtype rules the loop (a bf16 text encoder beside an fp32 UNet is common in training validation)
         dtype = self.unet.dtype
         return cond.to(dtype), (uncond.to(dtype) if do_cfg else None)
-
-    def _initial_latents(self, image, total, num_images_per_prompt, height, width, cond, generator) -> torch.Tensor:
-        """Text-to-image: pure noise ``(total, C, h, w)``. Image-to-image: the encoded image noised to the first
-        timestep, ``alpha_t x0 + sigma_t eps`` (VAE sample first, then ``eps``, as diffusers draws them)."""
-        device, dtype = cond.device, cond.dtype
-        if image is None:
-            f = self.vae_scale_factor
-            shape = (total, self.unet.config.in_channels, height // f, width // f)
-            noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-            return noise * self.scheduler.init_noise_sigma
-        batch_size = total // num_images_per_prompt
-        pixels = self.image_processor.preprocess(image, height=height, width=width).to(device, self.vae.dtype)
-        x0 = U.encode_images(self.vae, pixels, batch_size, num_images_per_prompt, generator).to(dtype)
-        noise = randn_tensor(x0.shape, generator=generator, device=device, dtype=dtype)
-        return self.scheduler.add_noise(x0, noise, self.scheduler.timesteps[:1])
-
-    def _w_embedding(self, guidance_scale: float, total: int, device, dtype) -> torch.Tensor | None:
-        """``(total, time_cond_proj_dim)`` embedding of ``w = guidance_scale - 1``, or ``None`` for a plain UNet."""
-        if not self.has_w_embedding:
-            return None
-        w = torch.full((total,), float(F.guidance_w(guidance_scale)))
-        emb = F.guidance_scale_embedding(w, embedding_dim=self.unet.config.time_cond_proj_dim)
-        return emb.to(device=device, dtype=dtype)
 
     def _model_output(self, state: dict[str, torch.Tensor | None], t: torch.Tensor, w: float) -> torch.Tensor:
         """One UNet call: conditional only, or ``[uncond, cond]`` batched and combined by :func:`F.cfg_combine`."""
@@ -325,16 +287,6 @@ class LCMPipeline(
                     state.update({k: v for k, v in outputs.items() if k in state})
                 progress_bar.update()
         return state["denoised"]
-
-    def _decode(self, denoised: torch.Tensor, output_type: str, device, dtype) -> tuple[Any, list[bool] | None]:
-        """VAE-decodes ``denoised``, runs the safety checker if any, and converts to ``output_type``."""
-        if output_type == "latent":
-            return denoised, None
-        image = self.vae.decode(denoised.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
-        image, nsfw = StableDiffusionPipeline.run_safety_checker(self, image, device, dtype)
-        do_denormalize = None if nsfw is None else [not flagged for flagged in nsfw]
-        images = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
-        return images, nsfw
 
 
 __all__ = ["LCMPipeline", "OutputType"]

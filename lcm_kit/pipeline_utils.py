@@ -1,5 +1,6 @@
-"""Helpers of :class:`lcm_kit.LCMPipeline` that need no pipeline state: argument checks, batch expansion and the
-stock-diffusers save format.
+"""Helpers of :class:`lcm_kit.LCMPipeline`: argument checks and defaults (:func:`check_call_args`), batch expansion,
+the initial latents, VAE decoding and the stock-diffusers save format. The guidance decision is
+:mod:`lcm_kit.guidance`.
 
 A folder written by ``LCMPipeline.save_pretrained`` is a plain diffusers folder: ``model_index.json`` names
 ``LatentConsistencyModelPipeline`` (UNet with a guidance-scale embedding) or ``StableDiffusionPipeline`` (plain SD
@@ -15,11 +16,14 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from diffusers import AutoencoderKL
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
+from diffusers.utils.torch_utils import randn_tensor
 
 from .atomic import write_json
 
@@ -28,6 +32,44 @@ logger = logging.getLogger(__name__)
 OUTPUT_TYPES: tuple[str, ...] = ("pil", "np", "pt", "latent")
 # Keyword arguments of DiffusionPipeline.from_pretrained that locate a file, forwarded to the scheduler's load_config.
 HUB_KWARGS: tuple[str, ...] = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
+DEFAULT_STRENGTH = 0.8  # diffusers' LCM img2img default
+
+
+class CallArgs(NamedTuple):
+    """Arguments of ``LCMPipeline.__call__`` after checks and defaults."""
+
+    batch_size: int
+    height: int
+    width: int
+    strength: float | None
+    callback_inputs: list[str]
+
+
+def check_call_args(pipe: Any, *, prompt: Any, negative_prompt: Any, prompt_embeds: torch.Tensor | None,
+                    negative_prompt_embeds: torch.Tensor | None, image: Any, strength: float | None,
+                    height: int | None, width: int | None, callback: Any, callback_inputs: Sequence[str] | None,
+                    **sampling: Any) -> CallArgs:  # fmt: skip
+    """Fills the defaults of ``LCMPipeline.__call__`` and checks every argument (:func:`check_prompt_args`,
+    :func:`check_sampling_args`, which also gets ``sampling``: steps, timesteps, images per prompt, generator,
+    output type). Defaults: strength 0.8 with an ``image``; the size of the image (rounded down) or of the UNet
+    sample; the callback's own ``tensor_inputs``, else ``["latents"]``."""
+    if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+        callback_inputs = callback.tensor_inputs
+    callback_inputs = list(callback_inputs or ["latents"])
+    strength = DEFAULT_STRENGTH if image is not None and strength is None else strength
+    if image is not None:
+        h, w = pipe.image_processor.get_default_height_width(image)
+    else:
+        h = w = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height, width = height or h, width or w
+    check_prompt_args(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+    batch_size = batch_size_of(prompt, prompt_embeds)
+    check_sampling_args(
+        height=height, width=width, vae_scale_factor=pipe.vae_scale_factor, image=image, strength=strength,
+        batch_size=batch_size, callback_inputs=callback_inputs, allowed_callback_inputs=pipe._callback_tensor_inputs,
+        **sampling,
+    )  # fmt: skip
+    return CallArgs(batch_size, height, width, strength, callback_inputs)
 
 
 def batch_size_of(prompt: str | list[str] | None, prompt_embeds: torch.Tensor | None) -> int:
@@ -139,6 +181,43 @@ def encode_images(
     else:
         x0 = expand_batch(retrieve_latents(vae.encode(pixels), generator=generator), batch_size, num_images_per_prompt)
     return x0 * vae.config.scaling_factor
+
+
+def initial_latents(
+    pipe: Any,
+    image: Any,
+    total: int,
+    num_images_per_prompt: int,
+    height: int,
+    width: int,
+    cond: torch.Tensor,
+    generator: torch.Generator | list[torch.Generator] | None,
+) -> torch.Tensor:
+    """Text-to-image: pure noise ``(total, C, h, w)``. Image-to-image: the encoded image noised to the first
+    timestep, ``alpha_t x0 + sigma_t eps`` (VAE sample first, then ``eps``, as diffusers draws them)."""
+    device, dtype = cond.device, cond.dtype
+    if image is None:
+        f = pipe.vae_scale_factor
+        shape = (total, pipe.unet.config.in_channels, height // f, width // f)
+        noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        return noise * pipe.scheduler.init_noise_sigma
+    batch_size = total // num_images_per_prompt
+    pixels = pipe.image_processor.preprocess(image, height=height, width=width).to(device, pipe.vae.dtype)
+    x0 = encode_images(pipe.vae, pixels, batch_size, num_images_per_prompt, generator).to(dtype)
+    noise = randn_tensor(x0.shape, generator=generator, device=device, dtype=dtype)
+    return pipe.scheduler.add_noise(x0, noise, pipe.scheduler.timesteps[:1])
+
+
+def decode_output(pipe: Any, denoised: torch.Tensor, output_type: str, device, dtype) -> tuple[Any, list[bool] | None]:
+    """VAE-decodes ``denoised``, runs the pipeline's safety checker if any, and converts to ``output_type``."""
+    if output_type == "latent":
+        return denoised, None
+    vae = pipe.vae
+    image = vae.decode(denoised.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    image, nsfw = StableDiffusionPipeline.run_safety_checker(pipe, image, device, dtype)
+    do_denormalize = None if nsfw is None else [not flagged for flagged in nsfw]
+    images = pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
+    return images, nsfw
 
 
 def write_stock_diffusers_index(save_directory: str | os.PathLike, has_w_embedding: bool) -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
 from lcm_kit import LCMPipeline
 from lcm_kit import compare as C
-from lcm_kit.eval import EmojiFeatureNet
+from lcm_kit.emoji import EmojiFeatureNet
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,7 @@ def test_bad_solver(runs, tiny_sd_dir):
 def test_run_comparison_end_to_end(tiny_sd_dir, tiny_lcm_dir, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from lcm_kit.emoji import build_emoji_dataset
+    from lcm_kit.emoji import build_emoji_dataset, held_out
     from lcm_kit.lora import add_lcm_lora, save_lora
 
     build_emoji_dataset(tmp_path / "data", size=16, limit=12, min_test=3)
@@ -70,8 +72,9 @@ def test_run_comparison_end_to_end(tiny_sd_dir, tiny_lcm_dir, tmp_path):
     add_lcm_lora(unet, rank=2)
     save_lora(unet, tmp_path / "lora")
     net = EmojiFeatureNet(2, 3, feature_dim=8, resolution=16, width=8).eval()
-    runs, prompts = C.run_comparison(tiny_sd_dir, tmp_path / "data", tmp_path / "lora", tiny_lcm_dir, num_eval=3,
-                                     guidance_scale=2.0, feature_net=net, tcd_gammas=[0.0])  # fmt: skip
+    prompts, real = held_out(tmp_path / "data", 3)
+    runs = C.run_comparison(tiny_sd_dir, prompts, real, net, {"lora": tmp_path / "lora"}, {"full": tiny_lcm_dir},
+                            guidance_scale=2.0, tcd_gammas=[0.0])  # fmt: skip
     assert len(prompts) == 3
     names = [(r.name, r.steps) for r in runs]
     label = {"ddim": "teacher DDIM", "dpmpp": "teacher DPM-Solver++"}
@@ -96,3 +99,93 @@ def test_time_interleaved_rotates_order_and_takes_medians(monkeypatch):
     assert [r.seconds_per_image for r in runs] == [0.25, 0.25, 0.25]
     C.time_interleaved(runs, rounds=0, n_images=4)  # no rounds: the times are kept
     assert len(calls) == 9 and runs[0].seconds_per_image == 0.25
+
+
+def test_teacher_lcm_baseline_and_several_students(tiny_sd_dir):
+    from diffusers import UNet2DConditionModel
+
+    from lcm_kit.lora import add_lcm_lora, save_lora
+
+    loras = {}
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet")
+        add_lcm_lora(unet, rank=2)
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.data = 0.05 * torch.randn_like(param)  # a non-zero adapter, different per seed
+        save_lora(unet, tiny_sd_dir.parent / f"lora_seed{seed}")
+        loras[f"seed{seed}"] = tiny_sd_dir.parent / f"lora_seed{seed}"
+    net = EmojiFeatureNet(2, 3, feature_dim=8, resolution=16, width=8).eval()
+    prompts, real = ["red apple", "rocket", "shamrock"], torch.rand(4, 3, 16, 16)
+    runs = C.run_comparison(tiny_sd_dir, prompts, real, net, loras, guidance_scale=2.0, teacher_lcm=True)
+    rows = [(r.label, r.steps, r.unet_evals) for r in runs[6:]]
+    baseline = [(C.TEACHER_LCM, k, k) for k in (1, 2, 4)] + [(f"{C.TEACHER_LCM}, TCD γ=0", k, k) for k in (2, 4)]
+    assert rows[:5] == baseline  # guidance 1: one UNet pass a step, no CFG
+    assert rows[5:] == [(f"LCM-LoRA [seed{s}]", k, k) for s in (0, 1) for k in (1, 2, 4)]
+    assert all(r.metrics["kid_emoji"] == r.metrics["kid_emoji"] for r in runs)  # scored
+    # the bare teacher with the LCM sampler is not the LoRA student
+    assert not torch.equal(runs[6].latents, runs[11].latents) and not torch.equal(runs[11].latents, runs[14].latents)
+    summary = C.format_summary(runs).splitlines()
+    assert len(summary) == 2 + 3 and summary[2].startswith("| LCM-LoRA | 1 | 2 | ")
+    assert "FID-emoji mean (min-max)" in summary[0]
+    table = C.format_table(runs, "DDIM-50")
+    assert "| LCM-LoRA [seed1] | 4 | 4 |" in table and f"| {C.TEACHER_LCM}, TCD γ=0 | 2 | 2 |" in table
+
+
+def _scored(name: str, steps: int, run: str, mse: float, fid: float) -> C.MethodResult:
+    r = C.MethodResult(name, steps, steps, torch.zeros(1), torch.zeros(1), 1.0, run)
+    r.metrics.update(latent_mse=mse, fid_emoji=fid)
+    return r
+
+
+def test_summary_mean_and_spread_with_known_numbers():
+    results = [
+        _scored("teacher DDIM", 50, "", 0.0, 10.0),  # a single run: not summarised
+        _scored("LCM-LoRA", 1, "s0", 0.5, 20.0),
+        _scored("LCM-LoRA", 1, "s1", 0.7, 26.0),
+        _scored("LCM-LoRA", 1, "s2", 0.3, 20.0),
+        _scored("LCM-LoRA", 4, "s0", 0.2, 12.0),
+        _scored("LCM-LoRA", 4, "s1", 0.4, 14.0),
+    ]
+    rows = C.summarize_runs(results, ("latent_mse", "fid_emoji"))
+    assert [(name, steps, n) for name, steps, n, _ in rows] == [("LCM-LoRA", 1, 3), ("LCM-LoRA", 4, 2)]
+    (mse_mean, mse_lo, mse_hi), (fid_mean, fid_lo, fid_hi) = rows[0][3]["latent_mse"], rows[0][3]["fid_emoji"]
+    assert (mse_mean, mse_lo, mse_hi) == (pytest.approx(0.5), 0.3, 0.7) and (fid_mean, fid_lo, fid_hi) == (22, 20, 26)
+    assert rows[1][3]["latent_mse"] == (pytest.approx(0.3), 0.2, 0.4)
+    table = C.format_summary(results).splitlines()
+    assert table[0] == "| method | steps | runs | latent MSE mean (min-max) | FID-emoji mean (min-max) |"
+    assert table[2] == "| LCM-LoRA | 1 | 3 | 0.5000 (0.3000-0.7000) | 22.00 (20.00-26.00) |"
+    assert table[3] == "| LCM-LoRA | 4 | 2 | 0.3000 (0.2000-0.4000) | 13.00 (12.00-14.00) |"
+    assert C.format_summary(results[:2]) == ""  # no configuration with 2 or more runs
+
+
+def test_score_names_metrics_after_the_feature_network(runs):
+    _, ref, _, _, lcm = runs
+
+    class MeanColour(torch.nn.Module):  # no metric_name: "features"
+        num_features = 3
+
+        def forward(self, x):
+            return x.float().mean(dim=(2, 3))
+
+    ref, lcm = (dataclasses.replace(r, metrics={}) for r in (ref, lcm))  # unscored copies
+    C.score([ref, lcm], ref, torch.rand(6, 3, 16, 16), MeanColour())
+    assert {"fid_features", "kid_features", "kid_features_std"} <= set(lcm.metrics)
+    assert "| FID-features | KID-features |" in C.format_table([ref, lcm], "DDIM-10")
+
+
+def test_bench_quality_labels_several_student_folders():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "quality.py"
+    spec = importlib.util.spec_from_file_location("bench_quality", path)
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    folders = quality.labelled_folders
+    assert folders(None, "models/lora", "--lora_dir") == {"lora": "models/lora"}  # the default
+    assert folders(["none"], "models/lora", "--lora_dir") == {}
+    assert folders(["runs/s0", "b=runs/x/lora"], "d", "--lora_dir") == {"s0": "runs/s0", "b": "runs/x/lora"}
+    with pytest.raises(ValueError, match="--lora_dir: two folders are labelled 'lora'"):
+        folders(["runs/s0/lora", "runs/s1/lora"], "d", "--lora_dir")

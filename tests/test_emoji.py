@@ -52,6 +52,20 @@ def test_load_with_datasets(subset: Path) -> None:
     assert len(train) == len(ds["train"])
 
 
+def test_read_split_and_held_out(subset: Path) -> None:
+    test = emoji_data.read_split(subset, "test")
+    assert len(test) == 10 and all(isinstance(e, emoji_data.EmojiExample) for e in test)
+    rows = [json.loads(line) for line in (subset / "test" / "metadata.jsonl").read_text().splitlines()]
+    assert [e.text for e in test] == [r["text"] for r in rows] and test[0].group == rows[0]["group"]
+    assert test[0].image().size == (16, 16) and test[0].image().mode == "RGB"
+    prompts, images = emoji_data.held_out(subset, 3)
+    assert prompts == [e.text for e in test[:3]] and images.shape == (10, 3, 16, 16)
+    assert float(images.min()) >= 0 and float(images.max()) <= 1
+    assert len(emoji_data.read_split(subset, "train")) == 110
+    with pytest.raises(ValueError, match="split"):
+        emoji_data.read_split(subset, "validation")
+
+
 def test_split_is_seeded() -> None:
     texts = [f"caption {i}" for i in range(2000)]
     a, b = emoji_data.split_captions(texts, seed=0), emoji_data.split_captions(texts, seed=0)

@@ -22,6 +22,7 @@ def test_main_job_runs_end_to_end(tmp_path):
     for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors", "comparison.png"):
         assert (out / name).exists(), name
     table = (out / "metrics.md").read_text().splitlines()
-    # header, separator, DDIM-50 reference, 5 teacher few-step rows, LCM-LoRA at 1, 2, 4 steps
-    assert len(table) == 2 + 1 + 5 + 3 and "| LCM-LoRA | 4 | 4 |" in table[-1]
+    # header, separator, DDIM-50 reference, 5 teacher few-step rows, teacher + LCM sampler (1, 2, 4 steps; TCD γ=0
+    # at 2, 4), LCM-LoRA at 1, 2, 4 steps
+    assert len(table) == 2 + 1 + 5 + 5 + 3 and "| LCM-LoRA | 4 | 4 |" in table[-1]
     assert table[-1] in result.stdout

@@ -210,6 +210,13 @@ def test_ignored_negative_prompt_warns(lcm_pipe, sd_pipe, which, reason):
     np.testing.assert_array_equal(out, _run(pipe, prompt="a cat", num_inference_steps=2, guidance_scale=1.0))
 
 
+@pytest.mark.parametrize("which", ["lcm", "sd"])
+def test_non_finite_guidance_scale_is_rejected(lcm_pipe, sd_pipe, which):
+    pipe = lcm_pipe if which == "lcm" else sd_pipe
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number, got nan"):
+        pipe(prompt="a cat", num_inference_steps=1, guidance_scale=float("nan"), output_type="latent")
+
+
 # ---- LoRA ----------------------------------------------------------------------------------------------------------
 def test_lora_load_and_fuse(tiny_sd_dir, tmp_path):
     from peft import LoraConfig

@@ -1,6 +1,6 @@
 """Evaluate the tiny teacher on held-out prompts: FID-emoji / KID-emoji, few-step agreement, skin-tone check.
 
-* FID-emoji / KID-emoji (`lcm_kit.eval.feature_fid_kid`, features of models/emoji-features) of DDIM-50 samples
+* FID-emoji / KID-emoji (`lcm_kit.emoji.feature_fid_kid`, features of models/emoji-features) of DDIM-50 samples
   of the held-out captions against the held-out real images. Not Inception-FID; compare only with each other.
 * Agreement of DDIM-k with DDIM-50 from the same initial noise and guidance (`latent_mse`, `pixel_psnr` on [0, 1]
   images): the reference numbers a distilled k-step student is compared against.
@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
-from lcm_kit.compare import held_out, run_teacher
-from lcm_kit.eval import feature_fid_kid, latent_mse, load_feature_net, pixel_psnr
+from lcm_kit.compare import run_teacher
+from lcm_kit.emoji import feature_fid_kid, held_out, load_feature_net
+from lcm_kit.eval import latent_mse, pixel_psnr
 
 SKIN_PROMPTS = ("thumbs up", "waving hand", "raised fist", "person running", "woman", "man")
 

@@ -10,20 +10,20 @@ nearest-neighbour so the 32 px pixels stay visible::
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
+from lcm_kit.emoji import read_split
 
-def held_out(data_dir: str, n: int) -> list[tuple[str, Image.Image]]:
+
+def spread_out(data_dir: str, n: int) -> list[tuple[str, Image.Image]]:
     """``n`` test-split captions spread evenly over the split (it is sorted by code point) and their real images."""
-    root = Path(data_dir) / "test"
-    rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = read_split(data_dir, "test")
     picked = [rows[i * len(rows) // n] for i in range(min(n, len(rows)))]
-    return [(r["text"], Image.open(root / r["file_name"]).convert("RGB")) for r in picked]
+    return [(r.text, r.image()) for r in picked]
 
 
 def make_grid(items: list[tuple[str, Image.Image, Image.Image]], cols: int, scale: int = 3) -> Image.Image:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> Path:
     pipe = StableDiffusionPipeline.from_pretrained(args.model)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    prompts = held_out(args.data_dir, args.num_prompts)
+    prompts = spread_out(args.data_dir, args.num_prompts)
     generator = torch.Generator().manual_seed(args.seed)
     images = pipe(
         [p for p, _ in prompts], num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator

@@ -1,4 +1,4 @@
-"""Train the emoji feature network used for FID-emoji / KID-emoji (`lcm_kit.eval.EmojiFeatureNet`).
+"""Train the emoji feature network used for FID-emoji / KID-emoji (`lcm_kit.emoji.EmojiFeatureNet`).
 
 A small CNN classifies emoji-test.txt groups and subgroups on the train split of the emoji dataset, at the teacher's
 resolution (32 px), with small random shifts and blur so that features change smoothly with image quality. Rows whose
@@ -18,16 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from lcm_kit.eval import EmojiFeatureNet, save_feature_net
+from lcm_kit.emoji import EmojiExample, EmojiFeatureNet, read_split, save_feature_net
 
 
-def load_split(root: Path, resolution: int) -> tuple[torch.Tensor, list[dict]]:
-    """Images of one split as float (N, 3, H, W) in [0, 1] and their metadata rows (known subgroups only)."""
-    rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
-    rows = [r for r in rows if r["subgroup"] != "unknown"]
-    images = [Image.open(root / r["file_name"]).convert("RGB").resize((resolution, resolution)) for r in rows]
+def load_split(data_dir: str, split: str, resolution: int) -> tuple[torch.Tensor, list[EmojiExample]]:
+    """Images of one split as float (N, 3, H, W) in [0, 1] and their examples (known subgroups only)."""
+    rows = [r for r in read_split(data_dir, split) if r.subgroup != "unknown"]
+    images = [r.image().resize((resolution, resolution)) for r in rows]
     pixels = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).float() / 255
     return pixels, rows
 
@@ -67,13 +65,13 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 
-    train_x, train_rows = load_split(Path(args.data_dir) / "train", args.resolution)
-    test_x, test_rows = load_split(Path(args.data_dir) / "test", args.resolution)
-    labels = {k: sorted({r[k] for r in train_rows}) for k in ("group", "subgroup")}
+    train_x, train_rows = load_split(args.data_dir, "train", args.resolution)
+    test_x, test_rows = load_split(args.data_dir, "test", args.resolution)
+    labels = {k: sorted({getattr(r, k) for r in train_rows}) for k in ("group", "subgroup")}
     index = {k: {name: i for i, name in enumerate(v)} for k, v in labels.items()}
 
-    def targets(rows: list[dict], key: str) -> torch.Tensor:
-        return torch.tensor([index[key].get(r[key], -1) for r in rows])
+    def targets(rows: list[EmojiExample], key: str) -> torch.Tensor:
+        return torch.tensor([index[key].get(getattr(r, key), -1) for r in rows])
 
     train_g, train_s = targets(train_rows, "group"), targets(train_rows, "subgroup")
     net = EmojiFeatureNet(len(labels["group"]), len(labels["subgroup"]), resolution=args.resolution)

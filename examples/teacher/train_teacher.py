@@ -45,10 +45,12 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lcm_kit.atomic import save_safetensors
+from lcm_kit.emoji import read_split
 
 
 @dataclass(frozen=True)
@@ -106,21 +108,14 @@ def build_models(vocab_size: int, bos: int, eos: int) -> tuple[AutoencoderKL, CL
 
 def load_split(data_dir: str, resolution: int) -> tuple[torch.Tensor, list[str]]:
     """Train images as a float tensor in [-1, 1], shape (N, 3, H, W), and their captions."""
-    root = Path(data_dir) / "train"
-    rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
-    arrays = []
+    rows, arrays = read_split(data_dir, "train"), []
     for r in rows:
-        image = Image.open(root / r["file_name"]).convert("RGB")
+        image = r.image()
         if image.size != (resolution, resolution):
             image = image.resize((resolution, resolution), Image.LANCZOS)
         arrays.append(np.asarray(image))
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return pixels, [r["text"] for r in rows]
-
-
-def save_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Atomic safetensors write (temp file + rename) with a JSON ``meta`` entry."""
-    save_safetensors(tensors, path, {"meta": json.dumps(meta)})
+    return pixels, [r.text for r in rows]
 
 
 def pack(modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -142,8 +137,6 @@ def unpack(path: Path, modules: dict[str, torch.nn.Module], opt: torch.optim.Opt
             _, idx, key = k.split(".", 2)
             state.setdefault(int(idx), {})[key] = v
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as f:
         return json.loads(f.metadata()["meta"])
 
@@ -190,7 +183,7 @@ def run_phase(name, args, modules, params, loss_fn, budget_s, max_steps, lr, log
                 log(name, meta["step"], meta["elapsed"], sum(running) / len(running), cur_lr)
                 meta["last_loss"], running = sum(running) / len(running), []
         if meta["done"] or time.time() - last_ckpt > args.ckpt_minutes * 60:
-            save_state(ckpt, pack(modules, opt), meta)
+            save_safetensors(pack(modules, opt), ckpt, {"meta": json.dumps(meta)})  # atomic, JSON meta entry
             last_ckpt = time.time()
     return meta
 
@@ -205,10 +198,8 @@ def train_vae(args: Args, vae: AutoencoderKL, pixels: torch.Tensor, log: Logger)
         recon = vae.decode(posterior.sample()).sample
         return F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
 
-    params = list(vae.parameters())
-    return run_phase(
-        "vae", args, {"vae": vae}, params, loss_fn, args.vae_minutes * 60, args.vae_steps, args.vae_lr, log
-    )
+    return run_phase("vae", args, {"vae": vae}, list(vae.parameters()), loss_fn, args.vae_minutes * 60, args.vae_steps,
+                     args.vae_lr, log)  # fmt: skip
 
 
 @torch.no_grad()
@@ -294,8 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
     vae_meta = train_vae(args, vae, pixels, log)
     vae.eval().requires_grad_(False)
     latents = cache_posteriors(vae, pixels)
-    sf = vae.config.scaling_factor
-    unet_meta, ema = train_unet(args, unet, text_encoder, tokenizer, latents, captions, sf, log)
+    unet_meta, ema = train_unet(args, unet, text_encoder, tokenizer, latents, captions, vae.config.scaling_factor, log)
     save_teacher(args.output_dir, vae, ema["text_encoder"], tokenizer, ema["unet"], args.tokenizer)
     summary = {"vae": vae_meta, "unet": unet_meta, "scaling_factor": vae.config.scaling_factor,
                "params_m": {n: round(sum(p.numel() for p in m.parameters()) / 1e6, 3)

@@ -1,4 +1,4 @@
-"""Captioned emoji images: a small, offline text-to-image dataset rendered from Noto Color Emoji.
+"""Captioned emoji images: a small, offline text-to-image dataset rendered from Noto Color Emoji, and its reader.
 
 Each image is one emoji rendered with Pillow from the Noto Color Emoji font (a CBDT bitmap font with a single
 strike at 109 ppem: glyphs are drawn at that size, composited on white and downsampled with LANCZOS). Captions are
@@ -12,6 +12,10 @@ The output is a ``datasets`` imagefolder with ``train/`` and ``test/`` folders, 
 
     python -m lcm_kit.emoji --out data/emoji64 --size 64
     datasets.load_dataset("imagefolder", data_dir="data/emoji64")  # DatasetDict(train=..., test=...)
+    lcm_kit.emoji.read_split("data/emoji64", "test")  # [EmojiExample(text, path, group, subgroup), ...]
+
+:func:`read_split` is the one reader of a split (teacher training, feature-network training, sample grids and
+the held-out evaluation set of :func:`held_out` all use it).
 
 Debian/Ubuntu: ``apt-get install fonts-noto-color-emoji unicode-data``. The font is SIL OFL: rebuild the images,
 don't commit them.
@@ -25,8 +29,12 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from ..eval import to_unit_tensor
 
 FONT_PATH = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 EMOJI_TEST_PATH = "/usr/share/unicode/emoji/emoji-test.txt"
@@ -185,6 +193,42 @@ def build_emoji_dataset(
     return counts
 
 
+@dataclass(frozen=True)
+class EmojiExample:
+    """One row of a split's ``metadata.jsonl``: caption, image file and emoji-test.txt labels."""
+
+    text: str
+    path: Path
+    group: str
+    subgroup: str
+
+    def image(self) -> Image.Image:
+        """The image, loaded as RGB."""
+        with Image.open(self.path) as im:
+            return im.convert("RGB")
+
+
+def read_split(data_dir: str | Path, split: Literal["train", "test"]) -> list[EmojiExample]:
+    """The rows of ``data_dir/split/metadata.jsonl`` in file order (the builder writes them sorted by code point).
+
+    Raises:
+        ValueError: If ``split`` is not ``"train"`` or ``"test"``.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    root = Path(data_dir) / split
+    lines = (root / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(line) for line in lines if line.strip()]
+    return [EmojiExample(r["text"], root / r["file_name"], r["group"], r["subgroup"]) for r in rows]
+
+
+def held_out(data_dir: str | Path, n: int | None = None) -> tuple[list[str], torch.Tensor]:
+    """The evaluation set: the first ``n`` test captions (``None``: all) and all test images, ``(N, 3, H, W)`` in
+    [0, 1] (the real images of FID/KID)."""
+    examples = read_split(data_dir, "test")
+    return [e.text for e in examples[:n]], to_unit_tensor([e.image() for e in examples])
+
+
 def main(argv: list[str] | None = None) -> dict[str, int]:
     """CLI: ``python -m lcm_kit.emoji --out data/emoji64 --size 64``."""
     parser = argparse.ArgumentParser(description="Render Noto Color Emoji into a captioned imagefolder dataset.")
@@ -205,7 +249,15 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     return counts
 
 
-__all__ = ["EmojiRecord", "build_emoji_dataset", "list_emoji", "parse_emoji_test", "render_emoji", "split_captions"]
-
-if __name__ == "__main__":
-    main()
+__all__ = [
+    "EmojiExample",
+    "EmojiRecord",
+    "build_emoji_dataset",
+    "held_out",
+    "list_emoji",
+    "main",
+    "parse_emoji_test",
+    "read_split",
+    "render_emoji",
+    "split_captions",
+]
