@@ -82,7 +82,7 @@ def evaluate(args, objective: str, ckpt: Path, prompts, real, noise, net) -> flo
     import torch
 
     from lcm_kit.compare import _decode
-    from lcm_kit.eval import feature_fid_kid
+    from lcm_kit.emoji import feature_fid_kid
 
     pipe, steps = student_pipeline(args, objective, ckpt)
     pipe.set_progress_bar_config(disable=True)
@@ -95,10 +95,10 @@ def evaluate(args, objective: str, ckpt: Path, prompts, real, noise, net) -> flo
 def main(argv=None) -> list[dict]:
     from lcm_kit import compare as C
     from lcm_kit.distill.checkpoints import train_seconds
-    from lcm_kit.eval import load_feature_net
+    from lcm_kit.emoji import held_out, load_feature_net
 
     args = parse_args(argv)
-    prompts, real = C.held_out(args.data_dir, args.num_eval)
+    prompts, real = held_out(args.data_dir, args.num_eval)
     noise = C.initial_noise(len(prompts), (4, 8, 8), args.seed)
     net, rows, reached = load_feature_net(), [], {}
     script = ROOT / "train" / "distill_lora.py"

@@ -10,11 +10,15 @@ card; :class:`lcm_kit.LCMPipeline` applies it when the student is loaded, unless
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+logger = logging.getLogger(__name__)
 METADATA_KEY = "lcm_kit.sampling"
 CONFIG_KEY = "sampling_contract"  # the scheduler-config key of a full pipeline folder
 SCHEDULER_KEYS = ("original_inference_steps", "timestep_scaling", "sigma_data", "prediction_type", "gamma")
@@ -94,3 +98,42 @@ def find_lora_file(source: Any, weight_name: str | None = None) -> Path | None:
         return path
     candidate = path / (weight_name or "pytorch_lora_weights.safetensors")
     return candidate if candidate.is_file() else None
+
+
+def call_schedule(scheduler: Any, num_inference_steps: int | None, timesteps: list[int] | None):
+    """``(num_inference_steps, timesteps)`` of a pipeline call: explicit arguments win; else the sampling contract in
+    ``scheduler.config`` (a distilled student's default steps or fixed schedule); else 4 steps."""
+    if num_inference_steps is not None or timesteps is not None:
+        return (4 if num_inference_steps is None else num_inference_steps), timesteps
+    stored = getattr(scheduler.config, CONFIG_KEY, None)
+    if not stored:
+        return 4, None
+    contract = SamplingContract.from_dict(stored)
+    return contract.num_inference_steps, (list(contract.timesteps) if contract.timesteps is not None else None)
+
+
+class ContractLoraLoaderMixin(StableDiffusionLoraLoaderMixin):
+    """diffusers' SD LoRA loading, plus the sampling contract: a LoRA file written by the distiller carries one in
+    its metadata, and loading it sets the pipeline's ``LCMKitScheduler`` to the contract's values (grid, boundary
+    scalings, ``gamma``) and default steps. Assign ``pipe.scheduler`` or pass ``num_inference_steps`` /
+    ``timesteps`` afterwards to override it; :meth:`unload_lora_weights` restores the scheduler of before. Only local
+    files and folders are read for a contract (a hub id or a state dict loads without one)."""
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, *args: Any, **kwargs: Any) -> None:
+        super().load_lora_weights(pretrained_model_name_or_path_or_dict, *args, **kwargs)
+        path = find_lora_file(pretrained_model_name_or_path_or_dict, kwargs.get("weight_name"))
+        contract = read_lora_contract(path) if path is not None and path.suffix == ".safetensors" else None
+        if contract is None:
+            return
+        from .scheduler import LCMKitScheduler
+
+        if getattr(self, "_scheduler_before_contract", None) is None:
+            self._scheduler_before_contract = self.scheduler
+        self.scheduler = LCMKitScheduler.from_config(self.scheduler.config, **contract.scheduler,
+                                                     sampling_contract=contract.to_dict())  # fmt: skip
+        logger.info("applied the sampling contract of %s: %s", path, contract)
+
+    def unload_lora_weights(self, *args: Any, **kwargs: Any) -> None:
+        super().unload_lora_weights(*args, **kwargs)
+        if getattr(self, "_scheduler_before_contract", None) is not None:
+            self.scheduler, self._scheduler_before_contract = self._scheduler_before_contract, None

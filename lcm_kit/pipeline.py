@@ -19,7 +19,7 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
-from diffusers.loaders import FromSingleFileMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
+from diffusers.loaders import FromSingleFileMixin, TextualInversionLoaderMixin
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput, StableDiffusionSafetyChecker
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
@@ -29,6 +29,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 from . import functional as F
 from . import guidance as G
 from . import pipeline_utils as U
+from .contract import ContractLoraLoaderMixin, call_schedule
 from .scheduler import LCMKitScheduler
 
 OutputType = Literal["pil", "np", "pt", "latent"]
@@ -39,7 +40,7 @@ class LCMPipeline(
     DiffusionPipeline,
     StableDiffusionMixin,
     TextualInversionLoaderMixin,
-    StableDiffusionLoraLoaderMixin,
+    ContractLoraLoaderMixin,
     FromSingleFileMixin,
 ):
     """Latent Consistency Model sampling for SD1.x/2.x folders: text-to-image, and image-to-image with ``image=``.
@@ -140,7 +141,7 @@ class LCMPipeline(
         strength: float | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 4,
+        num_inference_steps: int | None = None,
         original_inference_steps: int | None = None,
         timesteps: list[int] | None = None,
         guidance_scale: float | None = None,
@@ -173,7 +174,9 @@ class LCMPipeline(
             height: Output height in pixels, a multiple of ``vae_scale_factor``; defaults to the UNet sample size
                 (text-to-image) or the image's height (image-to-image).
             width: Output width, as ``height``.
-            num_inference_steps: Number of consistency steps (= UNet passes). Ignored with ``timesteps``.
+            num_inference_steps: Number of consistency steps (= UNet passes). Ignored with ``timesteps``. Default: the
+                sampling contract of a distilled student (its steps, or a phased student's fixed ``timesteps``,
+                :mod:`lcm_kit.contract`), else 4.
             original_inference_steps: Size of the skipping-step grid (the scheduler config's, 50, if omitted).
             timesteps: Custom descending timesteps (off-grid values are accepted with a warning).
             guidance_scale: Guidance in the usual convention (``w = guidance_scale - 1``). Defaults to 8.5 for an LCM
@@ -203,6 +206,7 @@ class LCMPipeline(
             last step's ``denoised``, as in diffusers' LCM pipelines.
         """
         guidance = G.Guidance.decide(self.unet.config, guidance_scale)
+        num_inference_steps, timesteps = call_schedule(self.scheduler, num_inference_steps, timesteps)
         args = U.check_call_args(
             self, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds, image=image, strength=strength, height=height, width=width,
