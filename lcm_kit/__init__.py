@@ -1,6 +1,8 @@
 """lcm_kit: Latent Consistency Models for diffusers."""
 
+from .contract import SamplingContract
+from .guidance import Guidance
 from .pipeline import LCMPipeline
 from .scheduler import LCMKitScheduler, LCMKitSchedulerOutput
 
-__all__ = ["LCMKitScheduler", "LCMKitSchedulerOutput", "LCMPipeline"]
+__all__ = ["Guidance", "LCMKitScheduler", "LCMKitSchedulerOutput", "LCMPipeline", "SamplingContract"]
