@@ -7,7 +7,8 @@ teacher's DDIM-50 with CFG from the same noise: the PF-ODE solution consistency 
 FID / KID (:func:`lcm_kit.eval.fid_kid`, seeded KID) in the network's features, labelled by its ``metric_name``
 ("FID-emoji"). Rows: teacher DDIM-50 (reference) and few-step samplers; optionally the bare teacher UNet in
 :class:`LCMPipeline` (no distillation: the baseline a student has to beat); each student at 1, 2, 4 steps (and TCD
-rows). Several students of one recipe (seeds) carry run labels; :func:`format_summary` gives their mean and spread.
+rows). Several students of one recipe (seeds) carry run labels; :func:`format_summary` gives their mean and spread
+(tables and the picture grid live in :mod:`lcm_kit.report` and are re-exported here).
 """
 
 from __future__ import annotations
@@ -20,15 +21,17 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
-from PIL import Image, ImageDraw
 
 from .eval import fid_kid, latent_mse, pixel_psnr
 from .guidance import Guidance
 from .pipeline import LCMPipeline
+from .report import comparison_grid, format_summary, format_table, summarize_runs
 from .scheduler import LCMKitScheduler
 
 TEACHER_FEW_STEP = (("ddim", 1), ("ddim", 2), ("ddim", 4), ("dpmpp", 2), ("dpmpp", 4))  # (solver, steps) rows
 LCM_STEPS, TCD_STEPS = (1, 2, 4), (2, 4)  # steps of each student's plain LCM rows and of its TCD rows
+__all__ = ["MethodResult", "comparison_grid", "format_summary", "format_table", "initial_noise", "run_comparison",
+           "run_lcm", "run_teacher", "score", "summarize_runs", "time_interleaved"]
 TEACHER_LCM = "teacher + LCM sampler"  # the bare teacher UNet (no distillation) in LCMPipeline at guidance 1
 
 
@@ -156,78 +159,6 @@ def score(
         r.metrics["speedup"] = reference.seconds_per_image / r.seconds_per_image
 
 
-def _feature_name(results: Sequence[MethodResult]) -> str:
-    """The ``<name>`` of the ``fid_<name>`` metric that :func:`score` filled."""
-    return next(k for k in results[0].metrics if k.startswith("fid_"))[len("fid_") :]
-
-
-def format_table(results: list[MethodResult], reference_name: str) -> str:
-    """A Markdown table of the results (metrics filled by :func:`score`)."""
-    f = _feature_name(results)
-    head = (
-        f"| method | steps | UNet evals | latent MSE vs {reference_name} | PSNR dB vs {reference_name} | "
-        f"FID-{f} | KID-{f} | time/image | speed-up |"
-    )
-    lines = [head, "|" + "---|" * 9]
-    for r in results:
-        m = r.metrics
-        psnr = "ref" if m["latent_mse"] == 0 else f"{m['psnr_db']:.1f}"
-        lines.append(
-            f"| {r.label} | {r.steps} | {r.unet_evals} | {m['latent_mse']:.4f} | {psnr} | {m[f'fid_{f}']:.2f} | "
-            f"{m[f'kid_{f}']:.4f} | {r.seconds_per_image * 1000:.1f} ms | {m['speedup']:.1f}x |"
-        )
-    return "\n".join(lines)
-
-
-def summarize_runs(results: Sequence[MethodResult], keys: Sequence[str]) -> list[tuple[str, int, int, dict]]:
-    """Mean and spread over the runs (trained students) of each configuration ``(name, steps)`` with 2 or more runs.
-
-    Returns:
-        ``(name, steps, n_runs, {key: (mean, min, max)})`` in first-appearance order.
-    """
-    groups: dict[tuple[str, int], list[MethodResult]] = {}
-    for r in results:
-        groups.setdefault((r.name, r.steps), []).append(r)
-    out = []
-    for (name, steps), rs in groups.items():
-        if len({r.run for r in rs}) >= 2:
-            values = {k: [r.metrics[k] for r in rs] for k in keys}
-            out.append((name, steps, len(rs), {k: (statistics.fmean(v), min(v), max(v)) for k, v in values.items()}))
-    return out
-
-
-def format_summary(results: Sequence[MethodResult]) -> str:
-    """A Markdown table of mean (min-max) latent MSE and FID over the runs of each configuration with 2 or more
-    runs (:func:`summarize_runs`); ``""`` if there is none."""
-    f = _feature_name(results)
-    rows = summarize_runs(results, ("latent_mse", f"fid_{f}"))
-    if not rows:
-        return ""
-    lines = [f"| method | steps | runs | latent MSE mean (min-max) | FID-{f} mean (min-max) |", "|" + "---|" * 5]
-    for name, steps, n, st in rows:
-        mse, fid = "{:.4f} ({:.4f}-{:.4f})".format(*st["latent_mse"]), "{:.2f} ({:.2f}-{:.2f})".format(*st[f"fid_{f}"])
-        lines.append(f"| {name} | {steps} | {n} | {mse} | {fid} |")
-    return "\n".join(lines)
-
-
-def comparison_grid(results: list[MethodResult], prompts: Sequence[str], n: int = 8, scale: int = 3) -> Image.Image:
-    """A PNG-ready grid: one row per method, one column per prompt (first ``n``), labels on the left."""
-    n = min(n, len(prompts))
-    side = results[0].images.shape[-1] * scale
-    label_w = 190
-    grid = Image.new("RGB", (label_w + n * side, len(results) * side + 14), "white")
-    draw = ImageDraw.Draw(grid)
-    for col in range(n):
-        draw.text((label_w + col * side + 2, 1), prompts[col][: side // 6], fill="black")
-    for row, r in enumerate(results):
-        draw.text((4, 14 + row * side + side // 2 - 6), f"{r.label} {r.steps}", fill="black")
-        for col in range(n):
-            arr = (r.images[col].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-            tile = Image.fromarray(arr).resize((side, side), Image.NEAREST)
-            grid.paste(tile, (label_w + col * side, 14 + row * side))
-    return grid
-
-
 def _students(teacher_dir, lora_dirs, full_dirs, lcm_guidance_scale, tcd_gammas, teacher_lcm) -> list[tuple]:
     """``(name, run, pipeline, guidance_scale, tcd_gammas)`` of every LCM-sampled row group, in table order."""
     out = []
@@ -277,23 +208,36 @@ def run_comparison(
         teacher_lcm: Add :data:`TEACHER_LCM`, the no-distillation baseline: the bare teacher UNet in
             :class:`LCMPipeline` at guidance 1, plain LCM at 1, 2, 4 steps and TCD ``gamma=0`` at 2, 4 steps.
     """
+    from tqdm.auto import tqdm
+
     teacher = StableDiffusionPipeline.from_pretrained(teacher_dir, safety_checker=None)
     teacher.set_progress_bar_config(disable=True)
     prompts, c = list(prompts), teacher.unet.config
     noise = initial_noise(len(prompts), (c.in_channels, c.sample_size, c.sample_size), seed)
     teacher(prompts[:1], num_inference_steps=1, output_type="latent")  # warm-up: first calls pay one-off costs
     teacher_rows = (("ddim", 50),) + TEACHER_FEW_STEP
-    runs = [run_teacher(teacher, prompts, noise, solver, k, guidance_scale, seed) for solver, k in teacher_rows]
     students = _students(teacher_dir, lora_dirs, full_dirs, lcm_guidance_scale or guidance_scale, tcd_gammas,
                          teacher_lcm)  # fmt: skip
+    total = len(teacher_rows) + sum(len(LCM_STEPS) + len(g) * len(TCD_STEPS) for *_, g in students)
+    bar = tqdm(total=total, desc=f"sampling {len(prompts)} prompts", unit="method")
+    runs = []
+    for solver, k in teacher_rows:
+        bar.set_postfix_str(f"teacher {solver} {k} steps")
+        runs.append(run_teacher(teacher, prompts, noise, solver, k, guidance_scale, seed))
+        bar.update()
     for name, run, pipe, scale, gammas in students:
         pipe.set_progress_bar_config(disable=True)
         pipe(prompts[:1], num_inference_steps=1, output_type="latent")  # warm-up
-        runs += [run_lcm(pipe, name, prompts, noise, k, scale, seed, run=run) for k in LCM_STEPS]
         lcm_config = pipe.scheduler.config
-        for gamma in gammas:
-            pipe.scheduler, tcd = LCMKitScheduler.from_config(lcm_config, gamma=gamma), f"{name}, TCD γ={gamma:g}"
-            runs += [run_lcm(pipe, tcd, prompts, noise, k, scale, seed, run=run) for k in TCD_STEPS]
+        groups = [(None, name, LCM_STEPS)] + [(g, f"{name}, TCD γ={g:g}", TCD_STEPS) for g in gammas]
+        for gamma, label, steps in groups:
+            if gamma is not None:
+                pipe.scheduler = LCMKitScheduler.from_config(lcm_config, gamma=gamma)
+            for k in steps:
+                bar.set_postfix_str(f"{label} {run} {k} steps")
+                runs.append(run_lcm(pipe, label, prompts, noise, k, scale, seed, run=run))
+                bar.update()
+    bar.close()
     time_interleaved(runs, repeats, len(prompts))
     score(runs, runs[0], real_images, feature_net, seed)
     return runs
