@@ -141,3 +141,14 @@ def save_tiny_sd_folder(path: str | os.PathLike, **kwargs) -> Path:
         pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
         pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def synthetic_blobs(n: int, seed: int) -> torch.Tensor:
+    """Synthetic 'emoji': coloured discs on white, float (n, 3, 32, 32) in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    centre = 10 + 12 * torch.rand(n, 2, generator=g)
+    radius = 6 + 6 * torch.rand(n, generator=g)
+    mask = ((yy - centre[:, :1, None]) ** 2 + (xx - centre[:, 1:, None]) ** 2) < radius[:, None, None] ** 2
+    colour = torch.rand(n, 3, generator=g)
+    return torch.where(mask[:, None], colour[:, :, None, None], torch.ones(1))

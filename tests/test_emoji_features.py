@@ -9,17 +9,7 @@ import pytest
 import torch
 
 from lcm_kit.emoji import features
-
-
-def _blobs(n: int, seed: int) -> torch.Tensor:
-    """Synthetic 'emoji': coloured discs on white, float (n, 3, 32, 32) in [0, 1]."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
-    centre = 10 + 12 * torch.rand(n, 2, generator=g)
-    radius = 6 + 6 * torch.rand(n, generator=g)
-    mask = ((yy - centre[:, :1, None]) ** 2 + (xx - centre[:, 1:, None]) ** 2) < radius[:, None, None] ** 2
-    colour = torch.rand(n, 3, generator=g)
-    return torch.where(mask[:, None], colour[:, :, None, None], torch.ones(1))
+from lcm_kit.testing import synthetic_blobs as _blobs
 
 
 def test_feature_fid_kid_orders_corruption() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -114,18 +114,26 @@ def teacher_mode(unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
     Raises:
         ValueError: If the model has no adapter.
     """
+    if not _tuner_layers(_unwrap(unet)):
+        raise ValueError("teacher_mode() needs a model with LoRA adapters; call add_lcm_lora() first")
+    with _switched(unet, lambda layer: layer.enable_adapters(False), lambda layer: layer.enable_adapters(True)):
+        yield unet
+
+
+@contextmanager
+def _switched(unet: torch.nn.Module, enter: Callable, leave: Callable) -> Iterator[None]:
+    """Calls ``enter(layer)`` on every LoRA layer, then ``leave(layer)`` on exit (also when the block raises), and
+    restores every LoRA parameter's ``requires_grad`` flag (peft sets them when adapters are toggled)."""
     model = _unwrap(unet)
     layers = _tuner_layers(model)
-    if not layers:
-        raise ValueError("teacher_mode() needs a model with LoRA adapters; call add_lcm_lora() first")
     flags = [(p, p.requires_grad) for _, p in _lora_parameters(model)]
     for layer in layers:
-        layer.enable_adapters(False)
+        enter(layer)
     try:
-        yield unet
+        yield
     finally:
         for layer in layers:
-            layer.enable_adapters(True)
+            leave(layer)
         for p, flag in flags:
             p.requires_grad_(flag)
 
@@ -165,18 +173,8 @@ def add_ema_adapter(unet: torch.nn.Module) -> list[tuple[torch.nn.Parameter, tor
 def adapter_mode(unet: torch.nn.Module, adapter_name: str) -> Iterator[torch.nn.Module]:
     """Runs ``unet`` with adapter ``adapter_name`` active instead of ``"default"`` inside the block; restores
     ``"default"`` and every LoRA parameter's ``requires_grad`` flag on exit, also when the block raises."""
-    model = _unwrap(unet)
-    layers = _tuner_layers(model)
-    flags = [(p, p.requires_grad) for _, p in _lora_parameters(model)]
-    for layer in layers:
-        layer.set_adapter(adapter_name)
-    try:
+    with _switched(unet, lambda layer: layer.set_adapter(adapter_name), lambda layer: layer.set_adapter("default")):
         yield unet
-    finally:
-        for layer in layers:
-            layer.set_adapter("default")
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 def adapter_state_dict(unet: torch.nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
