@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max_train_steps", type=int, default=400, help="distillation steps")
     p.add_argument("--guidance_scale", type=float, default=5.0,
                    help="teacher CFG scale; the LoRA is distilled at w = guidance_scale - 1")  # fmt: skip
-    p.add_argument("--num_eval", type=int, default=64, help="held-out prompts to sample for the metrics")
+    p.add_argument("--num_eval", type=int, default=0, help="held-out prompts to sample for the metrics (0: all 190)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip_training", action="store_true", help="reuse the LoRA already in --output_dir")
     return p.parse_args(argv)
@@ -69,7 +69,7 @@ def compare(args: argparse.Namespace) -> str:
     from lcm_kit import compare as C
     from lcm_kit.emoji import held_out, load_feature_net
 
-    prompts, real = held_out(args.data_dir, args.num_eval)
+    prompts, real = held_out(args.data_dir, args.num_eval or None)
     runs = C.run_comparison(args.teacher, prompts, real, load_feature_net(), {"LCM-LoRA": args.output_dir},
                             guidance_scale=args.guidance_scale, seed=args.seed, teacher_lcm=True)  # fmt: skip
     out = Path(args.output_dir)

@@ -126,6 +126,11 @@ def guidance_w(guidance_scale: float | torch.Tensor) -> float | torch.Tensor:
     return guidance_scale - 1
 
 
+def guidance_scale_from_w(w: float | torch.Tensor) -> float | torch.Tensor:
+    """The inverse of :func:`guidance_w`: LCM's ``w`` (Eq. 8) as the usual ``guidance_scale = w + 1``."""
+    return w + 1
+
+
 def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, w: torch.Tensor | float) -> torch.Tensor:
     """Classifier-free guidance in the LCM convention: ``cond + w * (cond - uncond)`` (LCM Eq. 8).
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..contract import SamplingContract
+from ..functional import guidance_scale_from_w
 from ..lora import save_lora
 from ..scheduler import LCMKitScheduler
 from .config import RunConfig
@@ -97,31 +98,31 @@ Sampling contract (what it was trained for): {contract}. Sample it with `LCMKitS
 {usage}
 """
 
-LORA_USAGE = """Stock diffusers (an LCM-LoRA has no guidance embedding: guidance_scale 1-2):
+LORA_USAGE = """lcm_kit applies the sampling contract stored in the file when the LoRA is loaded:
 ```python
-from diffusers import LCMScheduler, StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained("{teacher}")
-pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, {stock_kwargs})
-pipe.load_lora_weights("{out}")
-image = pipe("a photo of a cat", {steps}, guidance_scale=1.0).images[0]
-```
-lcm_kit:
-```python
-from lcm_kit import LCMKitScheduler, LCMPipeline
+from lcm_kit import LCMPipeline
 pipe = LCMPipeline.from_pretrained("{teacher}")
-pipe.scheduler = LCMKitScheduler.from_config(pipe.scheduler.config, {kwargs})
 pipe.load_lora_weights("{out}")
-image = pipe("a photo of a cat", {steps}).images[0]
+image = pipe("a photo of a cat").images[0]  # {steps}, no CFG (the guidance is distilled in)
+```
+Stock diffusers (an LCM-LoRA has no guidance embedding: guidance_scale 1-2):
+```python
+from diffusers import {stock_scheduler}, StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained("{teacher}")
+pipe.scheduler = {stock_scheduler}.from_config(pipe.scheduler.config, {stock_kwargs})
+pipe.load_lora_weights("{out}")
+image = pipe("a photo of a cat", {steps}, guidance_scale=1.0{stock_eta}).images[0]
 ```"""
 
 FULL_USAGE = """A full pipeline folder (the UNet is the EMA target network; `unet_online/` is the online student);
-its `scheduler/` already holds the sampler settings above:
+its `scheduler/` holds the sampling contract, which `LCMPipeline` applies:
 ```python
-from lcm_kit.pipeline import LCMPipeline
+from lcm_kit import LCMPipeline
 pipe = LCMPipeline.from_pretrained("{out}")
-image = pipe("a photo of a cat", {steps}, guidance_scale=8.5).images[0]
+image = pipe("a photo of a cat", guidance_scale={guidance}).images[0]  # {steps}
 ```
-Stock diffusers: `LatentConsistencyModelPipeline.from_pretrained("{out}")`."""
+Stock diffusers loads it as `LatentConsistencyModelPipeline.from_pretrained("{out}")`; give it `{steps}` and, for a
+student with a gamma, `TCDScheduler.from_config(pipe.scheduler.config)` with `eta` = gamma (our sampler equals it)."""
 
 
 def write_model_card(config: RunConfig, sampling: SamplingContract, scheduler: LCMKitScheduler, steps: int,
@@ -135,12 +136,16 @@ def write_model_card(config: RunConfig, sampling: SamplingContract, scheduler: L
     sampler = {k: scheduler.config[k] for k in SAMPLER_KEYS}
     kwargs = ", ".join(f"{k}={v!r}" for k, v in sampler.items())
     stock_kwargs = ", ".join(f"{k}={sampler[k]!r}" for k in ("original_inference_steps", "timestep_scaling"))
+    gamma = sampler["gamma"]
+    w_mid = (o.w_min + o.w_max) / 2
+    stock = {"stock_scheduler": "LCMScheduler" if gamma is None else "TCDScheduler",
+             "stock_eta": "" if gamma is None else f", eta={gamma}", "guidance": f"{guidance_scale_from_w(w_mid):g}"}
     call = (f"timesteps={list(sampling.timesteps)}" if sampling.timesteps is not None
             else f"num_inference_steps={sampling.num_inference_steps}")  # fmt: skip
     contract = f"objective `{sampling.objective}`, {call}, gamma {sampler['gamma']}"
     usage = (LORA_USAGE if lora else FULL_USAGE).format(teacher=m.pretrained_teacher_model, steps=call,
                                                        out=config.output.output_dir, kwargs=kwargs,
-                                                       stock_kwargs=stock_kwargs)  # fmt: skip
+                                                       stock_kwargs=stock_kwargs, **stock)  # fmt: skip
     text = MODEL_CARD.format(
         tag="lora" if lora else "full", title="LCM-LoRA" if lora else "Latent Consistency Model", mode=m.mode,
         objective=o.objective, teacher=m.pretrained_teacher_model, steps=steps, batch=opt.train_batch_size,
