@@ -113,3 +113,12 @@ def test_bad_num_phases_is_a_clear_error(bad):
     with pytest.raises(ValueError, match="num_phases"):
         phase_edges(1000, 50, bad)
     assert np.array_equal(phase_edges(1000, 50, 50)[1][:3], [0, 19, 39])
+
+
+def test_sampling_gamma_overrides_the_objectives_default():
+    assert LCMObjective(config("lcm", "epsilon"), TABLE).sampling().scheduler["gamma"] is None
+    assert LCMObjective(config("lcm", "epsilon", sampling_gamma=0.3), TABLE).sampling().scheduler["gamma"] == 0.3
+    assert TCDObjective(config("tcd", "epsilon"), TABLE).sampling().scheduler["gamma"] == 0.3
+    assert PCMObjective(config("pcm", "epsilon", sampling_gamma=0.1), TABLE).sampling().scheduler["gamma"] == 0.1
+    with pytest.raises(ValueError, match="sampling_gamma"):
+        config("lcm", "epsilon", sampling_gamma=1.5)

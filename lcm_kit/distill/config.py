@@ -89,9 +89,16 @@ class ObjectiveConfig(DistillLossConfig):
     num_phases: int = field(
         default=4, metadata={"help": "pcm: phases M of the trajectory; the student samples in exactly M steps."}
     )
+    sampling_gamma: float | None = field(
+        default=None,
+        metadata={"help": "gamma (TCD's stochasticity, 0: deterministic) recorded in the student's sampling "
+                  "contract; default per objective: lcm plain LCM sampling, pcm 0, tcd 0.3."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
+        if self.sampling_gamma is not None and not 0.0 <= self.sampling_gamma <= 1.0:
+            raise ValueError(f"sampling_gamma must be in [0, 1], got {self.sampling_gamma}")
         n = self.num_phases
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.num_ddim_timesteps:
             raise ValueError(f"num_phases must be an int in [1, num_ddim_timesteps={self.num_ddim_timesteps}], "

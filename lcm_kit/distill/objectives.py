@@ -54,7 +54,8 @@ class Objective(Protocol):
 def _contract(objective: str, steps: int, timesteps: tuple[int, ...] | None, c: ObjectiveConfig,
               gamma: float | None) -> SamplingContract:  # fmt: skip
     """The contract: the grid and boundary scalings the student learned (LCM Sec. 4.3 and Eq. 9), TCD's ``gamma``
-    and the guidance range it was distilled for."""
+    (the objective's default ``gamma``, or ``--sampling_gamma``) and the guidance range it was distilled for."""
+    gamma = gamma if c.sampling_gamma is None else c.sampling_gamma  # --sampling_gamma overrides the default
     scheduler = {"original_inference_steps": c.num_ddim_timesteps, "timestep_scaling": c.timestep_scaling,
                  "sigma_data": c.sigma_data, "prediction_type": c.prediction_type, "gamma": gamma}  # fmt: skip
     return SamplingContract(objective, steps, timesteps, scheduler, (c.w_min, c.w_max))
