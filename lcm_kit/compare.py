@@ -162,17 +162,26 @@ def score(
 def _students(teacher_dir, lora_dirs, full_dirs, lcm_guidance_scale, tcd_gammas, teacher_lcm) -> list[tuple]:
     """``(name, run, pipeline, guidance_scale, tcd_gammas)`` of every LCM-sampled row group, in table order."""
     out = []
-    if teacher_lcm:
-        out.append((TEACHER_LCM, "", LCMPipeline.from_pretrained(teacher_dir, safety_checker=None), 1.0, (0.0,)))
+    if teacher_lcm:  # the baseline gets gamma 0 and every gamma the students get
+        gammas = tuple(sorted({0.0, *tcd_gammas}))
+        out.append((TEACHER_LCM, "", LCMPipeline.from_pretrained(teacher_dir, safety_checker=None), 1.0, gammas))
     for run, path in (lora_dirs or {}).items():
         pipe = LCMPipeline.from_pretrained(teacher_dir, safety_checker=None)
-        pipe.load_lora_weights(path)
+        pipe.load_lora_weights(path)  # applies the LoRA's sampling contract, if it has one
         pipe.fuse_lora()  # merged into the UNet weights (same images, no per-layer adapter cost), as for deployment
-        out.append(("LCM-LoRA", run if len(lora_dirs) > 1 else "", pipe, 1.0, tuple(tcd_gammas)))
+        label = _contract_label("LCM-LoRA", pipe)
+        out.append((label, run if len(lora_dirs) > 1 else "", pipe, 1.0, tuple(tcd_gammas)))
     for run, path in (full_dirs or {}).items():
         pipe = LCMPipeline.from_pretrained(path)
-        out.append(("LCM (full)", run if len(full_dirs) > 1 else "", pipe, lcm_guidance_scale, tuple(tcd_gammas)))
+        label = _contract_label("LCM (full)", pipe)
+        out.append((label, run if len(full_dirs) > 1 else "", pipe, lcm_guidance_scale, tuple(tcd_gammas)))
     return out
+
+
+def _contract_label(name: str, pipe: LCMPipeline) -> str:
+    """``name``, with the TCD gamma that the student's sampling contract set on its scheduler, if any."""
+    gamma = pipe.scheduler.config.gamma
+    return name if gamma is None else f"{name}, TCD γ={gamma:g} (its contract)"
 
 
 def run_comparison(
