@@ -4,7 +4,7 @@
 
 1. Renders the emoji dataset at the teacher's resolution (Debian's fonts-noto-color-emoji) if it is missing.
 2. Runs the real distiller, ``train/distill_lora.py`` (the same script ``accelerate launch`` runs), on the committed
-   teacher ``models/tiny-emoji-sd``.
+   teacher ``models/tiny-emoji-sd``, with :data:`RECIPE`.
 3. Samples held-out prompts from the same initial noise with the teacher's DDIM-50 (the reference), DDIM-1/2/4 and
    DPM-Solver++-2/4 (all with CFG), the teacher UNet with no distillation in the LCM sampler (guidance 1; 1, 2, 4
    steps, and TCD gamma=0 at 2 and 4 steps: the baseline), and the LCM-LoRA at 1, 2 and 4 steps; scores them
@@ -25,6 +25,12 @@ if TYPE_CHECKING:
     from lcm_kit.guidance import Guidance
 
 ROOT = Path(__file__).resolve().parent.parent
+# The LoRA recipe (bench/README.md, "LoRA recipe search" has what was tried): LCM objective with an EMA target
+# adapter (decay 0.95), lr 2e-4, rank 16, batch 32; the student samples with TCD's gamma 0.3 (its sampling contract).
+RECIPE = (
+    "--objective", "lcm", "--train_batch_size", "32", "--lora_rank", "16", "--learning_rate", "2e-4",
+    "--lr_warmup_steps", "0", "--lora_ema", "true", "--ema_decay", "0.95", "--sampling_gamma", "0.3",
+)  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,8 +63,7 @@ def distill(args: argparse.Namespace, resolution: int, teacher_guidance: Guidanc
         "--pretrained_teacher_model", args.teacher, "--train_data_dir", str(Path(args.data_dir) / "train"),
         "--output_dir", args.output_dir, "--resolution", str(resolution), "--center_crop", "true",
         "--cache_dir", str(Path(args.data_dir) / "cache"), "--max_train_steps", str(args.max_train_steps),
-        "--train_batch_size", "32", "--lora_rank", "16", "--learning_rate", "1e-3", "--lr_warmup_steps", "20",
-        "--w_min", str(w), "--w_max", str(w), "--checkpointing_steps", "0", "--validation_steps", "0",
+        *RECIPE, "--w_min", str(w), "--w_max", str(w), "--checkpointing_steps", "0", "--validation_steps", "0",
         "--report_to", "none", "--save_kohya", "true", "--seed", str(args.seed), "--mixed_precision", "no",
     ]  # fmt: skip
     print("$", " ".join(cmd), flush=True)

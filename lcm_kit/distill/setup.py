@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .config import OptimConfig, RunConfig
 from .networks import Teacher
+
+logger = logging.getLogger(__name__)
 
 
 def make_accelerator(config: RunConfig):
@@ -59,6 +63,9 @@ def make_optimizer(optim: OptimConfig, params: list[torch.nn.Parameter]):
         opt_cls = torch.optim.AdamW
     opt = opt_cls(params, lr=optim.learning_rate, betas=(optim.adam_beta1, optim.adam_beta2),
                   weight_decay=optim.adam_weight_decay, eps=optim.adam_epsilon)  # fmt: skip
+    if optim.lr_warmup_steps and optim.lr_scheduler == "constant":
+        logger.warning("lr_warmup_steps=%d has no effect with lr_scheduler 'constant' (diffusers' get_scheduler); "
+                       "use 'constant_with_warmup' for a warm-up", optim.lr_warmup_steps)  # fmt: skip
     sched = get_scheduler(optim.lr_scheduler, opt, num_warmup_steps=optim.lr_warmup_steps,
                           num_training_steps=optim.max_train_steps)  # fmt: skip
     return opt, sched
