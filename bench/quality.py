@@ -6,9 +6,11 @@
 Same table as the README's main job (lcm_kit.compare) with wall time per image: teacher DDIM-50 with CFG is the
 reference; teacher DDIM-4 and DPM-Solver++-4 (CFG) are its own few-step samplers; "teacher + LCM sampler" is the
 teacher UNet with no distillation in LCMPipeline at guidance 1 (1, 2, 4 steps, and TCD gamma=0 at 2 and 4 steps):
-the baseline a student has to beat. The LCM-LoRA (no CFG) and the full LCM (w-embedding) run 1, 2 and 4 steps (by
-default the two students committed under ``models/``), and with ``--tcd_gamma G`` also 2 and 4 steps of TCD
-sampling. All from the same initial noise; FID-emoji / KID-emoji (seeded KID) against the held-out real images.
+the baseline a student has to beat (also sampled with every gamma a student's contract uses). The LCM-LoRA (no CFG)
+and the full students (w-embedding) run 1, 2 and 4 steps with their sampling contract (by default the students
+committed under ``models/``: the main job's LoRA, seeds 0 and 1; the full LCM and the 4-phase PCM), and with
+``--tcd_gamma G`` also 2 and 4 steps of TCD sampling. All from the same initial noise; FID-emoji / KID-emoji
+(seeded KID) against the held-out real images.
 Wall times are of one batched call over all prompts, to latents: the median of --repeats rounds, each round calling
 every method once in a rotated order (lcm_kit.compare.time_interleaved); speed-up is relative to DDIM-50.
 
@@ -26,14 +28,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def labelled_folders(values: list[str] | None, default: str, flag: str) -> dict[str, str]:
+def labelled_folders(values: list[str] | None, default: list[str], flag: str) -> dict[str, str]:
     """``{label: folder}`` from repeated ``[LABEL=]DIR`` values (``none`` values skipped; no value: ``default``).
 
     Raises:
         ValueError: Naming ``flag`` if two folders get the same label.
     """
     out: dict[str, str] = {}
-    for value in values or [default]:
+    for value in values or default:
         if value == "none":
             continue
         label, sep, folder = value.partition("=")
@@ -51,13 +53,13 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument(
         "--lora_dir",
         action="append",
-        help="LCM-LoRA folder, [LABEL=]DIR, repeatable ('none': skip); default: the committed one (the README main "
-        "job's recipe)",
+        help="LCM-LoRA folder, [LABEL=]DIR, repeatable ('none': skip); default: the two committed seeds of the README "
+        "main job's recipe",
     )
     p.add_argument(
         "--full_dir",
         action="append",
-        help="full LCM pipeline folder, [LABEL=]DIR, repeatable ('none': skip); default: the committed one",
+        help="full LCM pipeline folder, [LABEL=]DIR, repeatable ('none': skip); default: the committed LCM and PCM",
     )
     p.add_argument("--num_eval", type=int, default=0, help="held-out prompts (0: all)")
     p.add_argument("--guidance_scale", type=float, default=5.0)
@@ -77,8 +79,11 @@ def main(argv: list[str] | None = None) -> str:
     from lcm_kit import compare as C
     from lcm_kit.emoji import held_out, load_feature_net
 
-    loras = labelled_folders(args.lora_dir, str(ROOT / "models" / "tiny-emoji-lcm-lora"), "--lora_dir")
-    fulls = labelled_folders(args.full_dir, str(ROOT / "models" / "tiny-emoji-lcm"), "--full_dir")
+    models = ROOT / "models"
+    default_loras = [f"seed0={models / 'tiny-emoji-lcm-lora'}", f"seed1={models / 'tiny-emoji-lcm-lora-seed1'}"]
+    loras = labelled_folders(args.lora_dir, default_loras, "--lora_dir")
+    fulls = labelled_folders(args.full_dir, [f"lcm={models / 'tiny-emoji-lcm'}", f"pcm={models / 'tiny-emoji-pcm'}"],
+                             "--full_dir")  # fmt: skip
     prompts, real = held_out(args.data_dir, args.num_eval or None)
     runs = C.run_comparison(args.teacher, prompts, real, load_feature_net(), loras, fulls, args.guidance_scale,
                             seed=args.seed, repeats=args.repeats, tcd_gammas=args.tcd_gamma,

@@ -162,9 +162,6 @@ def score(
 def _students(teacher_dir, lora_dirs, full_dirs, lcm_guidance_scale, tcd_gammas, teacher_lcm) -> list[tuple]:
     """``(name, run, pipeline, guidance_scale, tcd_gammas)`` of every LCM-sampled row group, in table order."""
     out = []
-    if teacher_lcm:  # the baseline gets gamma 0 and every gamma the students get
-        gammas = tuple(sorted({0.0, *tcd_gammas}))
-        out.append((TEACHER_LCM, "", LCMPipeline.from_pretrained(teacher_dir, safety_checker=None), 1.0, gammas))
     for run, path in (lora_dirs or {}).items():
         pipe = LCMPipeline.from_pretrained(teacher_dir, safety_checker=None)
         pipe.load_lora_weights(path)  # applies the LoRA's sampling contract, if it has one
@@ -175,6 +172,11 @@ def _students(teacher_dir, lora_dirs, full_dirs, lcm_guidance_scale, tcd_gammas,
         pipe = LCMPipeline.from_pretrained(path)
         label = _contract_label("LCM (full)", pipe)
         out.append((label, run if len(full_dirs) > 1 else "", pipe, lcm_guidance_scale, tuple(tcd_gammas)))
+    if teacher_lcm:  # the baseline, first: gamma 0, and every gamma a student is sampled with (same-sampler rows)
+        contract_gammas = {p.scheduler.config.gamma for _, _, p, _, _ in out} - {None}
+        gammas = tuple(sorted({0.0, *tcd_gammas, *contract_gammas}))
+        teacher = LCMPipeline.from_pretrained(teacher_dir, safety_checker=None)
+        out.insert(0, (TEACHER_LCM, "", teacher, 1.0, gammas))
     return out
 
 
@@ -243,7 +245,7 @@ def run_comparison(
             if gamma is not None:
                 pipe.scheduler = LCMKitScheduler.from_config(lcm_config, gamma=gamma)
             for k in steps:
-                bar.set_postfix_str(f"{label} {run} {k} steps")
+                bar.set_postfix_str(" ".join(x for x in (label, run, f"{k} steps") if x))
                 runs.append(run_lcm(pipe, label, prompts, noise, k, scale, seed, run=run))
                 bar.update()
     bar.close()

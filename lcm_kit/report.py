@@ -77,7 +77,8 @@ def comparison_grid(results: list[MethodResult], prompts: Sequence[str], n: int 
     for col in range(n):
         draw.text((label_w + col * side + 2, 1), prompts[col][: side // 6], fill="black")
     for row, r in enumerate(results):
-        draw.text((4, 14 + row * side + side // 2 - 6), f"{r.label} {r.steps}", fill="black")
+        label = f"{r.label} {r.steps}".replace("γ=", "gamma ")  # PIL's default bitmap font has no Greek letters
+        draw.text((4, 14 + row * side + side // 2 - 6), label, fill="black")
         for col in range(n):
             arr = (r.images[col].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
             tile = Image.fromarray(arr).resize((side, side), Image.NEAREST)

@@ -184,8 +184,9 @@ def test_bench_quality_labels_several_student_folders():
     quality = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(quality)
     folders = quality.labelled_folders
-    assert folders(None, "models/lora", "--lora_dir") == {"lora": "models/lora"}  # the default
-    assert folders(["none"], "models/lora", "--lora_dir") == {}
-    assert folders(["runs/s0", "b=runs/x/lora"], "d", "--lora_dir") == {"s0": "runs/s0", "b": "runs/x/lora"}
+    assert folders(None, ["models/lora"], "--lora_dir") == {"lora": "models/lora"}  # the default
+    assert folders(None, ["a=x", "b=y"], "--lora_dir") == {"a": "x", "b": "y"}
+    assert folders(["none"], ["models/lora"], "--lora_dir") == {}
+    assert folders(["runs/s0", "b=runs/x/lora"], ["d"], "--lora_dir") == {"s0": "runs/s0", "b": "runs/x/lora"}
     with pytest.raises(ValueError, match="--lora_dir: two folders are labelled 'lora'"):
-        folders(["runs/s0/lora", "runs/s1/lora"], "d", "--lora_dir")
+        folders(["runs/s0/lora", "runs/s1/lora"], ["d"], "--lora_dir")

@@ -130,7 +130,8 @@ def write_model_card(config: RunConfig, sampling: SamplingContract, scheduler: L
     """A short ``README.md``: teacher, settings, the sampling contract and ``scheduler``, how to load the result."""
     m, o, opt = config.model, config.objective, config.optim
     lora = m.mode == "lora"
-    extra = f", LoRA rank {m.lora_rank} alpha {m.lora_scale_alpha}" if lora else (
+    ema = f", EMA target adapter (decay {m.ema_decay})" if m.lora_ema else ", target = the student (no EMA)"
+    extra = f", LoRA rank {m.lora_rank} alpha {m.lora_scale_alpha}{ema}" if lora else (
         f", EMA decay {m.ema_decay}, w-embedding {m.time_cond_proj_dim}"
     )  # fmt: skip
     sampler = {k: scheduler.config[k] for k in SAMPLER_KEYS}
