@@ -153,9 +153,11 @@ def decode_image(raw: Any) -> Image.Image | None:
 
 def scan_valid(source: HFSource | ShardSource, limit: int | None = None) -> tuple[list[int], list[int]]:
     """Decodes every image once; returns ``(valid indices, skipped indices)`` (caption must be present too)."""
+    from tqdm.auto import tqdm
+
     n = len(source) if limit is None else min(limit, len(source))
     valid, skipped = [], []
-    for i in range(n):
+    for i in tqdm(range(n), desc="checking images", unit="image", disable=n < 1000):
         raw, caption = source.raw(i)
         (valid if caption is not None and decode_image(raw) is not None else skipped).append(i)
     return valid, skipped

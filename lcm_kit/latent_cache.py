@@ -86,7 +86,9 @@ def build_cache(
     ds = ImageCaptionDataset(source, valid, replace(config, random_flip=False))
     out: dict[str, list[torch.Tensor]] = {}
     flips = (False, True) if config.random_flip else (False,)
-    for start in range(0, len(ds), batch_size):
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(ds), batch_size), desc="encoding the latent cache", unit="batch"):
         items = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
         pixels = torch.stack([it["pixel_values"] for it in items])  # unflipped: center crop, no random flip
         for flip in flips:
