@@ -23,6 +23,6 @@ def test_main_job_runs_end_to_end(tmp_path):
         assert (out / name).exists(), name
     table = (out / "metrics.md").read_text().splitlines()
     # header, separator, DDIM-50 reference, 5 teacher few-step rows, teacher + LCM sampler (1, 2, 4 steps; TCD γ=0
-    # at 2, 4), LCM-LoRA at 1, 2, 4 steps
-    assert len(table) == 2 + 1 + 5 + 5 + 3 and "| LCM-LoRA | 4 | 4 |" in table[-1]
+    # and, because the LoRA's contract samples with it, γ=0.3 at 2, 4), LCM-LoRA at 1, 2, 4 steps (its contract)
+    assert len(table) == 2 + 1 + 5 + 7 + 3 and "| LCM-LoRA, TCD γ=0.3 (its contract) | 4 | 4 |" in table[-1]
     assert table[-1] in result.stdout
