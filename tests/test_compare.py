@@ -190,3 +190,13 @@ def test_bench_quality_labels_several_student_folders():
     assert folders(["runs/s0", "b=runs/x/lora"], ["d"], "--lora_dir") == {"s0": "runs/s0", "b": "runs/x/lora"}
     with pytest.raises(ValueError, match="--lora_dir: two folders are labelled 'lora'"):
         folders(["runs/s0/lora", "runs/s1/lora"], ["d"], "--lora_dir")
+
+
+def test_a_students_extra_gamma_rows_skip_its_contract_gamma():
+    from types import SimpleNamespace
+
+    pipe = SimpleNamespace(scheduler=SimpleNamespace(config=SimpleNamespace(gamma=0.0)))
+    assert C._other_gammas((0.0, 0.3), pipe) == (0.3,)  # a gamma-0 (PCM) student gets no duplicate gamma-0 rows
+    assert C._contract_label("LCM (full)", pipe) == "LCM (full), TCD γ=0 (its contract)"
+    pipe.scheduler.config.gamma = None
+    assert C._other_gammas((0.0,), pipe) == (0.0,) and C._contract_label("LCM-LoRA", pipe) == "LCM-LoRA"
