@@ -169,8 +169,8 @@ def log_validation(accelerator, state: TrainState, step: int) -> Path:
 
     cfg = state.config
     unet = state.nets.sampling_unet(accelerator.unwrap_model(state.nets.student))
-    scheduler = outputs.student_scheduler(state.teacher, state.objective)
-    columns = outputs.sampling_columns(state.objective.sampling())
+    contract = state.objective.sampling()
+    scheduler, columns = outputs.student_scheduler(state.teacher, contract), outputs.sampling_columns(contract)
     grid = outputs.validation_grid(unet, state.teacher, scheduler, cfg.output.prompts, cfg.optim.seed,
                                    accelerator.autocast, columns)  # fmt: skip
     path = Path(cfg.output.output_dir) / "validation" / f"step-{step}.png"
@@ -232,10 +232,10 @@ def run(config: RunConfig) -> int:
     accelerator.wait_for_everyone()
     student = accelerator.unwrap_model(state.nets.student)
     if accelerator.is_main_process:
-        scheduler = outputs.student_scheduler(state.teacher, state.objective)
-        outputs.save_final(state.nets, student, state.teacher, scheduler, config.output.output_dir,
+        contract = state.objective.sampling()
+        outputs.save_final(state.nets, student, state.teacher, contract, config.output.output_dir,
                            config.output.save_kohya)  # fmt: skip
-        outputs.write_model_card(state.config, state.objective.sampling(), scheduler, step, accelerator.num_processes)
+        outputs.write_model_card(state.config, contract, step, accelerator.num_processes)
     if config.output.debug_param_digest:
         outputs.write_debug_digest(student, config, accelerator.process_index)
     accelerator.end_training()

@@ -1,9 +1,10 @@
 """What a distillation run writes: the resolved config, the student's scheduler, the final weights (LoRA + kohya,
 or a full ``LCMPipeline`` folder), the model card and validation grids.
 
-:func:`student_scheduler` is the one place where the training settings become sampler settings (the solver grid
-``original_inference_steps``, ``timestep_scaling``, ``sigma_data``): validation, the saved pipeline and the model
-card all take it from there.
+The objective's sampling contract (:meth:`lcm_kit.distill.objectives.Objective.sampling`) is where the training
+settings become sampler settings (the solver grid ``original_inference_steps``, ``timestep_scaling``, ``sigma_data``,
+``gamma``, the default steps); :func:`student_scheduler` turns it into the scheduler that validation and the saved
+pipeline use, and the model card and the LoRA metadata record it.
 """
 
 from __future__ import annotations
@@ -21,16 +22,12 @@ from ..lora import save_lora
 from ..scheduler import LCMKitScheduler
 from .config import RunConfig
 from .networks import Networks, Teacher
-from .objectives import Objective
-
-SAMPLER_KEYS = ("original_inference_steps", "timestep_scaling", "sigma_data", "prediction_type", "gamma")
 
 
-def student_scheduler(teacher: Teacher, objective: Objective) -> LCMKitScheduler:
-    """The scheduler the trained student samples with: the teacher's noise schedule plus the objective's grid,
-    boundary scalings and ``gamma``, and the whole contract under ``sampling_contract`` (:meth:`Objective.sampling`).
-    """
-    contract = objective.sampling()
+def student_scheduler(teacher: Teacher, contract: SamplingContract) -> LCMKitScheduler:
+    """The scheduler the trained student samples with: the teacher's noise schedule plus the grid, boundary scalings
+    and ``gamma`` of its contract (:meth:`lcm_kit.distill.objectives.Objective.sampling`), and the whole contract under
+    ``sampling_contract``."""
     return LCMKitScheduler.from_config(teacher.scheduler.config, **contract.scheduler,
                                        sampling_contract=contract.to_dict())  # fmt: skip
 
@@ -61,19 +58,18 @@ def write_config(config: RunConfig) -> Path:
     return path
 
 
-def save_final(nets: Networks, student: torch.nn.Module, teacher: Teacher, scheduler: LCMKitScheduler,
+def save_final(nets: Networks, student: torch.nn.Module, teacher: Teacher, contract: SamplingContract,
                output_dir: str, save_kohya: bool) -> list[Path]:  # fmt: skip
     """LoRA: ``pytorch_lora_weights.safetensors`` (+ kohya), the sampling contract in their metadata. Full: an
-    ``LCMPipeline`` folder with the EMA UNet and ``scheduler`` (contract in its config; ``unet_online/`` holds the
-    online student). ``student`` is the unwrapped student."""
+    ``LCMPipeline`` folder with the EMA UNet and :func:`student_scheduler` (contract in its config; ``unet_online/``
+    holds the online student). ``student`` is the unwrapped student."""
     if nets.target is None:
-        contract = SamplingContract.from_dict(scheduler.config.sampling_contract)
         return save_lora(student, output_dir, kohya=save_kohya, metadata=contract.as_metadata())
     from ..pipeline import LCMPipeline
 
     pipe = LCMPipeline(  # training is over: the text encoder goes back to fp32 (it ran in the mixed dtype)
         vae=teacher.vae, text_encoder=teacher.text_encoder.to(torch.float32), tokenizer=teacher.tokenizer,
-        unet=nets.target, scheduler=scheduler,
+        unet=nets.target, scheduler=student_scheduler(teacher, contract),
     )  # fmt: skip
     pipe.save_pretrained(output_dir)
     student.save_pretrained(os.path.join(output_dir, "unet_online"))
@@ -125,16 +121,15 @@ Stock diffusers loads it as `LatentConsistencyModelPipeline.from_pretrained("{ou
 student with a gamma, `TCDScheduler.from_config(pipe.scheduler.config)` with `eta` = gamma (our sampler equals it)."""
 
 
-def write_model_card(config: RunConfig, sampling: SamplingContract, scheduler: LCMKitScheduler, steps: int,
-                     procs: int) -> Path:  # fmt: skip
-    """A short ``README.md``: teacher, settings, the sampling contract and ``scheduler``, how to load the result."""
+def write_model_card(config: RunConfig, sampling: SamplingContract, steps: int, procs: int) -> Path:
+    """A short ``README.md``: teacher, settings, the sampling contract, how to load the result."""
     m, o, opt = config.model, config.objective, config.optim
     lora = m.mode == "lora"
     ema = f", EMA target adapter (decay {m.ema_decay})" if m.lora_ema else ", target = the student (no EMA)"
     extra = f", LoRA rank {m.lora_rank} alpha {m.lora_scale_alpha}{ema}" if lora else (
         f", EMA decay {m.ema_decay}, w-embedding {m.time_cond_proj_dim}"
     )  # fmt: skip
-    sampler = {k: scheduler.config[k] for k in SAMPLER_KEYS}
+    sampler = sampling.scheduler
     kwargs = ", ".join(f"{k}={v!r}" for k, v in sampler.items())
     stock_kwargs = ", ".join(f"{k}={sampler[k]!r}" for k in ("original_inference_steps", "timestep_scaling"))
     gamma = sampler["gamma"]
@@ -145,8 +140,8 @@ def write_model_card(config: RunConfig, sampling: SamplingContract, scheduler: L
             else f"num_inference_steps={sampling.num_inference_steps}")  # fmt: skip
     contract = f"objective `{sampling.objective}`, {call}, gamma {sampler['gamma']}"
     usage = (LORA_USAGE if lora else FULL_USAGE).format(teacher=m.pretrained_teacher_model, steps=call,
-                                                       out=config.output.output_dir, kwargs=kwargs,
-                                                       stock_kwargs=stock_kwargs, **stock)  # fmt: skip
+                                                       out=config.output.output_dir, stock_kwargs=stock_kwargs,
+                                                       **stock)  # fmt: skip
     text = MODEL_CARD.format(
         tag="lora" if lora else "full", title="LCM-LoRA" if lora else "Latent Consistency Model", mode=m.mode,
         objective=o.objective, teacher=m.pretrained_teacher_model, steps=steps, batch=opt.train_batch_size,
