@@ -160,18 +160,17 @@ def score(
 
 
 def _students(teacher_dir, lora_dirs, full_dirs, lcm_guidance_scale, tcd_gammas, teacher_lcm) -> list[tuple]:
-    """``(name, run, pipeline, guidance_scale, tcd_gammas)`` of every LCM-sampled row group, in table order."""
+    """``(name, run, pipeline, guidance_scale, extra tcd_gammas)`` of every LCM-sampled row group, in table order."""
     out = []
     for run, path in (lora_dirs or {}).items():
         pipe = LCMPipeline.from_pretrained(teacher_dir, safety_checker=None)
         pipe.load_lora_weights(path)  # applies the LoRA's sampling contract, if it has one
         pipe.fuse_lora()  # merged into the UNet weights (same images, no per-layer adapter cost), as for deployment
-        label = _contract_label("LCM-LoRA", pipe)
-        out.append((label, run if len(lora_dirs) > 1 else "", pipe, 1.0, _other_gammas(tcd_gammas, pipe)))
+        out.append(("LCM-LoRA", run if len(lora_dirs) > 1 else "", pipe, 1.0, _other_gammas(tcd_gammas, pipe)))
     for run, path in (full_dirs or {}).items():
         pipe = LCMPipeline.from_pretrained(path)
-        label, gammas = _contract_label("LCM (full)", pipe), _other_gammas(tcd_gammas, pipe)
-        out.append((label, run if len(full_dirs) > 1 else "", pipe, lcm_guidance_scale, gammas))
+        gammas = _other_gammas(tcd_gammas, pipe)
+        out.append(("LCM (full)", run if len(full_dirs) > 1 else "", pipe, lcm_guidance_scale, gammas))
     if teacher_lcm:  # the baseline, first: gamma 0, and every gamma a student is sampled with (same-sampler rows)
         contract_gammas = {p.scheduler.config.gamma for _, _, p, _, _ in out} - {None}
         gammas = tuple(sorted({0.0, *tcd_gammas, *contract_gammas}))
@@ -245,8 +244,8 @@ def run_comparison(
         pipe.set_progress_bar_config(disable=True)
         pipe(prompts[:1], num_inference_steps=1, output_type="latent")  # warm-up
         lcm_config = pipe.scheduler.config
-        base = name.split(", TCD γ=")[0]  # extra gamma rows are named after the student, not its contract
-        groups = [(None, name, LCM_STEPS)] + [(g, f"{base}, TCD γ={g:g}", TCD_STEPS) for g in gammas]
+        groups = [(None, _contract_label(name, pipe), LCM_STEPS)]  # the student as its contract samples it
+        groups += [(g, f"{name}, TCD γ={g:g}", TCD_STEPS) for g in gammas]
         for gamma, label, steps in groups:
             if gamma is not None:
                 pipe.scheduler = LCMKitScheduler.from_config(lcm_config, gamma=gamma)
