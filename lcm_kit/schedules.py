@@ -91,14 +91,21 @@ def skipping_step_timesteps(num_train_timesteps: int, num_steps: int, strength: 
     return np.arange(1, int(num_steps * strength) + 1, dtype=np.int64) * k - 1
 
 
+def solver_step_ends(num_train_timesteps: int, num_ddim_timesteps: int) -> np.ndarray:
+    """For each point ``grid[i]`` of the skipping-step grid, where the DDIM solver step from it ends: ``grid[i - 1]``,
+    and 0 for ``i = 0`` (as diffusers' ``DDIMSolver``, ``ddim_timesteps_prev``; LCM Sec. 4.3). Ascending, int64."""
+    grid = skipping_step_timesteps(num_train_timesteps, num_ddim_timesteps)
+    return np.concatenate([np.zeros(1, dtype=np.int64), grid[:-1]])
+
+
 def phase_edges(num_train_timesteps: int, num_ddim_timesteps: int, num_phases: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``num_phases`` phases of a Phased Consistency Model on the skipping-step grid (PCM, Wang et al. 2024,
     arXiv:2405.18407, Sec. 3.1 / Eq. 5: ``s_0 = 0 < s_1 < ... < s_M = T``).
 
     Phase ``m`` holds the grid indices ``[first[m], first[m + 1])`` with ``first = floor(linspace(0, N, M,
     endpoint=False))``; its lower edge is the grid point just below its first index (0 for the first phase), so
-    ``edges[m] = grid_prev[first[m]]``. 50 points, 4 phases: ``first = [0, 12, 25, 37]``, edges ``[0, 239, 499,
-    739]``. Returns ``(first, edges)``, each ``(num_phases,)`` int64, ascending.
+    ``edges[m] = solver_step_ends(...)[first[m]]``. 50 points, 4 phases: ``first = [0, 12, 25, 37]``, edges
+    ``[0, 239, 499, 739]``. Returns ``(first, edges)``, each ``(num_phases,)`` int64, ascending.
 
     Raises:
         ValueError: unless ``1 <= num_phases <= num_ddim_timesteps``.
@@ -107,10 +114,8 @@ def phase_edges(num_train_timesteps: int, num_ddim_timesteps: int, num_phases: i
     if not is_int or not 1 <= num_phases <= num_ddim_timesteps:
         raise ValueError(f"num_phases must be an int in [1, num_ddim_timesteps={num_ddim_timesteps}], "
                          f"got {num_phases!r}")  # fmt: skip
-    grid = skipping_step_timesteps(num_train_timesteps, num_ddim_timesteps)
     first = np.floor(np.linspace(0, num_ddim_timesteps, num=num_phases, endpoint=False)).astype(np.int64)
-    grid_prev = np.concatenate([[0], grid[:-1]])
-    return first, grid_prev[first]
+    return first, solver_step_ends(num_train_timesteps, num_ddim_timesteps)[first]
 
 
 def phase_sampling_timesteps(num_train_timesteps: int, num_ddim_timesteps: int, num_phases: int) -> np.ndarray:

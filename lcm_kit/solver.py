@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .functional import cfg_combine, diffuse, predict_x0_eps
-from .schedules import alpha_sigma, skipping_step_timesteps
+from .schedules import alpha_sigma, skipping_step_timesteps, solver_step_ends
 
 if TYPE_CHECKING:
     from .loss import DistillLossConfig
@@ -43,7 +43,7 @@ def solver_timesteps(
     grid = torch.from_numpy(skipping_step_timesteps(num_train_timesteps, num_ddim_timesteps)).to(index.device)
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= num_ddim_timesteps):
         raise ValueError(f"index must lie in [0, {num_ddim_timesteps}), got {index.tolist()}")
-    prev = torch.cat([grid.new_zeros(1), grid[:-1]])
+    prev = torch.from_numpy(solver_step_ends(num_train_timesteps, num_ddim_timesteps)).to(index.device)
     return grid[index], prev[index]
 
 

@@ -31,8 +31,8 @@ import torch
 from ..contract import SamplingContract
 from ..functional import append_dims, diffuse, predict_x0_eps
 from ..loss import DistillLossOutput, consistency_distillation_loss, distillation_distance
-from ..schedules import phase_edges, phase_sampling_timesteps, skipping_step_timesteps
-from ..solver import SolverPoints, guided_solver_step, solver_points
+from ..schedules import phase_edges, phase_sampling_timesteps
+from ..solver import SolverPoints, guided_solver_step, solver_points, solver_timesteps
 from .config import ObjectiveConfig
 from .networks import ModelFns
 
@@ -132,8 +132,9 @@ class PCMObjective:
 
 @dataclass(frozen=True)
 class TCDObjective:
-    """Trajectory consistency distillation: ``s = grid_prev[j]`` with ``j ~ U{0, ..., n}`` (any grid point at or
-    below ``t_n``, 0 included); sampled with TCD's strategic stochastic sampling (``gamma``, default 0.3)."""
+    """Trajectory consistency distillation: ``s`` = the solver step end of grid index ``j ~ U{0, ..., n}`` (any grid
+    point at or below ``t_n``, 0 included); sampled with TCD's strategic stochastic sampling (``gamma``, default
+    0.3)."""
 
     config: ObjectiveConfig
     alphas_cumprod: torch.Tensor
@@ -144,9 +145,7 @@ class TCDObjective:
         gen_device = generator.device if generator is not None else p.index.device
         u = torch.rand(p.index.shape, generator=generator, device=gen_device, dtype=torch.float64).to(p.index.device)
         j = torch.minimum((u * (p.index + 1)).long(), p.index)  # uniform on {0, ..., index}
-        grid = torch.from_numpy(skipping_step_timesteps(len(self.alphas_cumprod), self.config.num_ddim_timesteps))
-        grid_prev = torch.cat([grid.new_zeros(1), grid[:-1]]).to(p.index.device)
-        return grid_prev[j]
+        return solver_timesteps(j, len(self.alphas_cumprod), self.config.num_ddim_timesteps)[1]  # the step end of j
 
     def __call__(self, fns: ModelFns, latents: torch.Tensor, generator: torch.Generator) -> DistillLossOutput:
         return jump_distillation_loss(fns, latents, self.alphas_cumprod, self.config,
