@@ -99,7 +99,8 @@ def main(argv=None) -> list[dict]:
 
     args = parse_args(argv)
     prompts, real = held_out(args.data_dir, args.num_eval)
-    noise = C.initial_noise(len(prompts), (4, 8, 8), args.seed)
+    unet = json.loads((Path(args.teacher) / "unet" / "config.json").read_text())
+    noise = C.initial_noise(len(prompts), (unet["in_channels"], unet["sample_size"], unet["sample_size"]), args.seed)
     net, rows, reached = load_feature_net(), [], {}
     script = ROOT / "train" / "distill_lora.py"
     for r, steps in enumerate(range(args.chunk, args.max_steps + 1, args.chunk)):

@@ -96,7 +96,9 @@ def find_lora_file(source: Any, weight_name: str | None = None) -> Path | None:
     path = Path(source)
     if path.is_file():
         return path
-    candidate = path / (weight_name or "pytorch_lora_weights.safetensors")
+    from .lora import LORA_WEIGHT_NAME
+
+    candidate = path / (weight_name or LORA_WEIGHT_NAME)
     return candidate if candidate.is_file() else None
 
 

@@ -147,7 +147,7 @@ def check_resume(path: Path, config, rank: int, is_main: bool) -> None:
                 f.write(json.dumps({"resumed_from": str(path), "changed": changed}) + "\n")
     else:
         logger.warning("checkpoint %s stores no training config; flags cannot be compared", path)
-    states = Path(path) / ("random_states_0.pkl" if rank == 0 else f"random_states_{rank}.pkl")
+    states = Path(path) / f"random_states_{rank}.pkl"
     if config.model.lora_dropout > 0 and (not states.is_file() or states.stat().st_size == 0):
         raise ValueError(
             f"checkpoint file {states} is missing or empty: the RNG state that LoRA dropout draws from cannot be "
