@@ -98,6 +98,15 @@ def solver_step_ends(num_train_timesteps: int, num_ddim_timesteps: int) -> np.nd
     return np.concatenate([np.zeros(1, dtype=np.int64), grid[:-1]])
 
 
+def check_num_phases(num_phases: int, num_ddim_timesteps: int) -> None:
+    """``ValueError`` naming ``num_phases`` unless it is an int in ``[1, num_ddim_timesteps]`` (one phase per grid
+    point at most)."""
+    is_int = isinstance(num_phases, (int, np.integer)) and not isinstance(num_phases, bool)
+    if not is_int or not 1 <= num_phases <= num_ddim_timesteps:
+        raise ValueError(f"num_phases must be an int in [1, num_ddim_timesteps={num_ddim_timesteps}], "
+                         f"got {num_phases!r}")  # fmt: skip
+
+
 def phase_edges(num_train_timesteps: int, num_ddim_timesteps: int, num_phases: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``num_phases`` phases of a Phased Consistency Model on the skipping-step grid (PCM, Wang et al. 2024,
     arXiv:2405.18407, Sec. 3.1 / Eq. 5: ``s_0 = 0 < s_1 < ... < s_M = T``).
@@ -110,10 +119,7 @@ def phase_edges(num_train_timesteps: int, num_ddim_timesteps: int, num_phases: i
     Raises:
         ValueError: unless ``1 <= num_phases <= num_ddim_timesteps``.
     """
-    is_int = isinstance(num_phases, (int, np.integer)) and not isinstance(num_phases, bool)
-    if not is_int or not 1 <= num_phases <= num_ddim_timesteps:
-        raise ValueError(f"num_phases must be an int in [1, num_ddim_timesteps={num_ddim_timesteps}], "
-                         f"got {num_phases!r}")  # fmt: skip
+    check_num_phases(num_phases, num_ddim_timesteps)
     first = np.floor(np.linspace(0, num_ddim_timesteps, num=num_phases, endpoint=False)).astype(np.int64)
     return first, solver_step_ends(num_train_timesteps, num_ddim_timesteps)[first]
 

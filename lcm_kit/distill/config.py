@@ -25,6 +25,7 @@ from transformers import HfArgumentParser
 
 from ..data import DataConfig
 from ..loss import DistillLossConfig
+from ..schedules import check_num_phases
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _NOT_FLAGS = ("prediction_type",)  # read from the teacher's scheduler config, never from the command line
@@ -99,10 +100,7 @@ class ObjectiveConfig(DistillLossConfig):
         super().__post_init__()
         if self.sampling_gamma is not None and not 0.0 <= self.sampling_gamma <= 1.0:
             raise ValueError(f"sampling_gamma must be in [0, 1], got {self.sampling_gamma}")
-        n = self.num_phases
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.num_ddim_timesteps:
-            raise ValueError(f"num_phases must be an int in [1, num_ddim_timesteps={self.num_ddim_timesteps}], "
-                             f"got {n!r}")  # fmt: skip
+        check_num_phases(self.num_phases, self.num_ddim_timesteps)
 
 
 @dataclass(frozen=True)
