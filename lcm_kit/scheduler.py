@@ -3,7 +3,9 @@
 
 Its config keys are a superset of ``diffusers.LCMScheduler``'s (plus ``sigma_data``, ``gamma`` and a distilled
 student's ``sampling_contract``, :mod:`lcm_kit.contract`), so configs move
-both ways with ``from_config``, and so does a Stable Diffusion DDPM / PNDM / DDIM scheduler config.
+both ways with ``from_config``, and so does a Stable Diffusion DDPM / PNDM / DDIM scheduler config. It offers every
+public method and attribute of ``diffusers.LCMScheduler`` with the same behaviour: the plain helpers (step index,
+``previous_timestep``, ...) are diffusers' own functions; the formulas are :mod:`lcm_kit.functional`'s.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from diffusers import LCMScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
@@ -57,7 +60,7 @@ class LCMKitScheduler(SchedulerMixin, ConfigMixin):
         original_inference_steps: Size of the skipping-step grid the model was distilled on (50 in LCM).
         clip_sample: Clip ``pred_x0`` to ``[-clip_sample_range, clip_sample_range]``.
         clip_sample_range: Clip range for ``clip_sample``.
-        set_alpha_to_one: Kept for config compatibility with DDIM / LCM configs (never used by LCM's step).
+        set_alpha_to_one: Sets ``final_alpha_cumprod`` as in DDIM / LCM configs (never used by LCM's step).
         steps_offset: Kept for config compatibility.
         prediction_type: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
         thresholding: Dynamic thresholding of ``pred_x0`` (Imagen); not for latent models.
@@ -127,7 +130,10 @@ class LCMKitScheduler(SchedulerMixin, ConfigMixin):
             num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
         )
         self.betas = betas
+        self.alphas = 1.0 - betas
         self.alphas_cumprod = schedules.alphas_cumprod_from_betas(betas)
+        # the alpha of "t = -1" in DDIM's step; kept for API parity, LCM's step never uses it
+        self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.long)
@@ -135,37 +141,29 @@ class LCMKitScheduler(SchedulerMixin, ConfigMixin):
         self._step_index: int | None = None
         self._begin_index: int | None = None
 
-    # ---- diffusers' stepping-index protocol -------------------------------------------------------------------------
-    @property
-    def step_index(self) -> int | None:
-        """Index of the next step in ``self.timesteps`` (``None`` before the first ``step``)."""
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        """First step index, set by img2img pipelines through :meth:`set_begin_index`."""
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        """Sets the index the next sampling loop starts from (called by diffusers' img2img pipelines)."""
-        self._begin_index = begin_index
+    # ---- diffusers' plain helpers, reused as they are: step_index / begin_index (properties), set_begin_index,
+    # index_for_timestep (a repeated first timestep starts from its second occurrence), previous_timestep (-1 after
+    # the last step), scale_model_input (identity) and __len__ (num_train_timesteps).
+    step_index = LCMScheduler.step_index
+    begin_index = LCMScheduler.begin_index
+    set_begin_index = LCMScheduler.set_begin_index
+    index_for_timestep = LCMScheduler.index_for_timestep
+    previous_timestep = LCMScheduler.previous_timestep
+    scale_model_input = LCMScheduler.scale_model_input
+    __len__ = LCMScheduler.__len__
 
     def _init_step_index(self, timestep: torch.Tensor | int) -> None:
         if self._begin_index is not None:
             self._step_index = self._begin_index
             return
-        matches = (self.timesteps == int(timestep)).nonzero().flatten()
-        if len(matches) == 0:
+        if int(timestep) not in self.timesteps.tolist():
             raise ValueError(f"timestep {int(timestep)} is not in the schedule {self.timesteps.tolist()}")
-        # diffusers' convention: with a repeated first timestep, start from the second occurrence.
-        self._step_index = int(matches[1 if len(matches) > 1 else 0])
+        self._step_index = self.index_for_timestep(int(timestep))
 
-    def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
-        """Identity (DDPM-family models take ``z_t`` unscaled); present for the scheduler interface."""
-        return sample
-
-    def __len__(self) -> int:
-        return self.config.num_train_timesteps
+    def get_scalings_for_boundary_condition_discrete(self, timestep: int | torch.Tensor) -> tuple:
+        """``(c_skip, c_out)`` at ``timestep`` (:func:`lcm_kit.functional.boundary_scalings`, LCM Eq. 9) with the
+        config's ``sigma_data`` and ``timestep_scaling`` (diffusers' method always uses ``sigma_data = 0.5``)."""
+        return F.boundary_scalings(timestep, self.config.sigma_data, self.config.timestep_scaling)
 
     # ---- schedule ---------------------------------------------------------------------------------------------------
     def set_timesteps(
@@ -244,7 +242,7 @@ class LCMKitScheduler(SchedulerMixin, ConfigMixin):
         pred_x0, pred_eps = F.predict_x0_eps(model_output, sample, alpha_t, sigma_t, self.config.prediction_type)
         gamma = self.config.gamma
         if gamma is None:
-            c_skip, c_out = F.boundary_scalings(t, self.config.sigma_data, self.config.timestep_scaling)
+            c_skip, c_out = self.get_scalings_for_boundary_condition_discrete(t)
             denoised = F.consistency_output(sample, self._postprocess_x0(pred_x0), c_skip, c_out)
             t_next, t_from = (None if is_last else int(self.timesteps[self._step_index + 1])), None
         else:

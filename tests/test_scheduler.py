@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler, PNDMScheduler, TCDScheduler
@@ -148,3 +150,98 @@ def test_begin_index_for_img2img():
 def test_scale_model_input_is_identity():
     x = torch.randn(1, 4, 2, 2)
     assert LCMKitScheduler().scale_model_input(x, 10) is x
+
+
+# ---- public API parity with diffusers.LCMScheduler ----------------------------------------------------------------
+def _public_names(cls, instance) -> set[str]:
+    return {n for n in set(dir(cls)) | set(dir(instance)) if not n.startswith("_")}
+
+
+def test_public_api_covers_diffusers_lcm_scheduler():
+    theirs = _public_names(LCMScheduler, LCMScheduler())
+    ours = _public_names(LCMKitScheduler, LCMKitScheduler())
+    assert sorted(theirs - ours) == []
+    for name in sorted(theirs):  # every method takes diffusers' parameter names, so calls written for it work
+        ref = getattr(LCMScheduler, name, None)  # None: an instance attribute
+        if inspect.isfunction(ref) or inspect.ismethod(ref):
+            params = set(inspect.signature(getattr(LCMKitScheduler, name)).parameters)
+            assert set(inspect.signature(ref).parameters) <= params, name
+
+
+STATE = ("betas", "alphas", "alphas_cumprod", "final_alpha_cumprod", "timesteps", "init_noise_sigma", "order",
+         "num_inference_steps", "custom_timesteps", "step_index", "begin_index")  # fmt: skip
+
+
+def _assert_same_state(ours, ref):
+    for name in STATE:
+        a, b = getattr(ours, name), getattr(ref, name)
+        if isinstance(b, torch.Tensor):
+            assert a.dtype == b.dtype and torch.equal(a, b), name
+        else:
+            assert a == b, name
+
+
+@pytest.mark.parametrize("config", [dict(), dict(set_alpha_to_one=False), dict(beta_schedule="linear"),
+                                    dict(rescale_betas_zero_snr=True)])  # fmt: skip
+@pytest.mark.parametrize("schedule", [dict(num_inference_steps=4), dict(num_inference_steps=3, strength=0.5),
+                                      dict(timesteps=[999, 749, 499, 249])])  # fmt: skip
+def test_state_equals_diffusers_through_a_loop(config, schedule):
+    ref, ours = LCMScheduler(**config), LCMKitScheduler(**config)
+    _assert_same_state(ours, ref)
+    for s in (ref, ours):
+        s.set_timesteps(**schedule)
+    _assert_same_state(ours, ref)
+    x = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    for t in ref.timesteps:
+        for s in (ref, ours):
+            s.step(toy_model(x, t), t, x, generator=torch.Generator().manual_seed(1))
+        _assert_same_state(ours, ref)
+
+
+@pytest.mark.parametrize("schedule", [None, dict(num_inference_steps=4), dict(num_inference_steps=4, strength=0.5),
+                                      dict(timesteps=[999, 749, 499, 249])])  # fmt: skip
+def test_previous_timestep_equals_diffusers(schedule):
+    ref, ours = LCMScheduler(), LCMKitScheduler()
+    if schedule is not None:
+        ref.set_timesteps(**schedule)
+        ours.set_timesteps(**schedule)
+    for t in ref.timesteps[:: 1 if schedule else 97]:
+        for timestep in (t, int(t)):
+            expected = ref.previous_timestep(timestep)
+            assert int(ours.previous_timestep(timestep)) == int(expected)  # -1 after the last step
+            assert type(ours.previous_timestep(timestep)) is type(expected)
+
+
+def test_index_for_timestep_and_begin_index_equal_diffusers():
+    # a repeated first timestep: diffusers starts from the second occurrence (img2img convention)
+    schedule = torch.tensor([999, 999, 499, 259])
+    ref, ours = LCMScheduler(), LCMKitScheduler()
+    for t in (999, torch.tensor(499), 259):
+        assert ours.index_for_timestep(t, schedule) == ref.index_for_timestep(t, schedule)
+    for s in (ref, ours):
+        s.set_timesteps(4)
+        s.set_begin_index(2)
+    _assert_same_state(ours, ref)
+    assert ours.index_for_timestep(499) == ref.index_for_timestep(499) == 2
+
+
+@pytest.mark.parametrize("timestep", [0, 1, 19, 499, 999, torch.tensor(259), torch.tensor([0, 139, 999])])
+def test_boundary_scalings_method_equals_diffusers(timestep):
+    ref, ours = LCMScheduler(), LCMKitScheduler()
+    for a, b in zip(ours.get_scalings_for_boundary_condition_discrete(timestep),
+                    ref.get_scalings_for_boundary_condition_discrete(timestep), strict=True):  # fmt: skip
+        torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=0, atol=0)
+    assert "sigma_data" not in vars(ours)  # ours reads the config; diffusers' getter sets self.sigma_data = 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_training_helpers_equal_diffusers_bit_for_bit(dtype):
+    ref, ours = LCMScheduler(), LCMKitScheduler()
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, 4, 4, generator=g, dtype=dtype), torch.randn(3, 4, 4, 4, generator=g, dtype=dtype)
+    t = torch.tensor([0, 400, 999])
+    for name in ("add_noise", "get_velocity"):
+        a, b = getattr(ours, name)(x0, eps, t), getattr(ref, name)(x0, eps, t)
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-12)
+    assert torch.equal(ours.scale_model_input(x0, 10), ref.scale_model_input(x0, 10))
