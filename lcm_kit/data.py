@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .images import to_rgb
 from .shards import ShardSource, expand_shards
 
 logger = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ def decode_image(raw: Any) -> Image.Image | None:
         else:
             return None
         img.load()
-        return img.convert("RGB")
+        return to_rgb(img)  # 16-bit scaled to 8 bits, transparency onto white
     except Exception as err:  # noqa: BLE001 - any decoder failure means "skip this image"
         logger.debug("unreadable image: %s", err)
         return None

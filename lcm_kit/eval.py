@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .images import to_rgb
+
 
 def to_unit_tensor(images: torch.Tensor | Sequence[Image.Image]) -> torch.Tensor:
     """PIL images or a tensor in [0, 1] -> float tensor (N, 3, H, W) in [0, 1]."""
@@ -23,7 +25,7 @@ def to_unit_tensor(images: torch.Tensor | Sequence[Image.Image]) -> torch.Tensor
         if images.dtype == torch.uint8:
             return images.float() / 255.0
         return images.float()
-    arrays = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images])
+    arrays = np.stack([np.asarray(to_rgb(im), dtype=np.float32) / 255.0 for im in images])
     return torch.from_numpy(arrays).permute(0, 3, 1, 2)
 
 

@@ -35,6 +35,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..eval import to_unit_tensor
+from ..images import to_rgb
 
 FONT_PATH = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 EMOJI_TEST_PATH = "/usr/share/unicode/emoji/emoji-test.txt"
@@ -205,7 +206,7 @@ class EmojiExample:
     def image(self) -> Image.Image:
         """The image, loaded as RGB."""
         with Image.open(self.path) as im:
-            return im.convert("RGB")
+            return to_rgb(im)
 
 
 def read_split(data_dir: str | Path, split: Literal["train", "test"]) -> list[EmojiExample]:
