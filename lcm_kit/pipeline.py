@@ -4,7 +4,8 @@ Works with an LCM UNet (``unet.config.time_cond_proj_dim`` set: guidance enters 
 a step) and with a plain SD1.x/2.x UNet plus an LCM-LoRA (classic classifier-free guidance, cond and uncond in one
 batched pass, only when ``guidance_scale > 1``); :class:`lcm_kit.guidance.Guidance` makes that decision once per
 call. Each step is :meth:`LCMKitScheduler.step` (LCM Algorithm 3); all formulas come from :mod:`lcm_kit.functional`.
-Argument checks and defaults, VAE encoding / decoding and the save format are in :mod:`lcm_kit.pipeline_utils`.
+Argument checks, defaults and image conversion are in :mod:`lcm_kit.pipeline_inputs` (all run before any model);
+VAE encoding / decoding and the save format in :mod:`lcm_kit.pipeline_utils`.
 Noise is drawn in the same order as diffusers' LCM pipelines, so the same seed gives the same images.
 """
 
@@ -28,12 +29,13 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 
 from . import functional as F
 from . import guidance as G
+from . import pipeline_inputs as inputs
 from . import pipeline_utils as U
 from .contract import ContractLoraLoaderMixin, call_schedule
 from .scheduler import LCMKitScheduler
 
 OutputType = Literal["pil", "np", "pt", "latent"]
-DEFAULT_STRENGTH = U.DEFAULT_STRENGTH
+DEFAULT_STRENGTH = inputs.DEFAULT_STRENGTH
 
 
 class LCMPipeline(
@@ -160,15 +162,16 @@ class LCMPipeline(
     ) -> StableDiffusionPipelineOutput | tuple:
         """Generates images in ``num_inference_steps`` consistency steps.
 
-        Image-to-image: pass ``image`` (PIL, numpy ``(H, W, 3)`` / ``(B, H, W, 3)`` in [0, 1], or a tensor
-        ``(B, 3, H, W)`` in [-1, 1]) and ``strength``. We follow diffusers' LCM img2img meaning: the skipping-step grid
-        of ``original_inference_steps`` points is cut to its first ``strength`` fraction and ``num_inference_steps``
-        steps are taken on it, so ``num_inference_steps`` UNet passes always run (at strength 0.5, 4 steps are
-        ``[499, 379, 259, 139]``). SD img2img with an LCMScheduler instead drops steps (2 of 4 at strength 0.5).
+        Image-to-image: pass ``image`` and ``strength``. We follow diffusers' LCM img2img meaning: the skipping-step
+        grid of ``original_inference_steps`` points is cut to its first ``strength`` fraction and
+        ``num_inference_steps`` steps are taken on it, so ``num_inference_steps`` UNet passes always run (at strength
+        0.5, 4 steps are ``[499, 379, 259, 139]``). SD img2img with an LCMScheduler instead drops steps (2 of 4 at
+        strength 0.5).
 
         Args:
             prompt: Text prompt(s); exclusive with ``prompt_embeds``.
-            image: Init image(s) for image-to-image (1, one per prompt, or one per output image).
+            image: Init image(s), 1, one per prompt or one per output image: PIL, numpy ``(H, W, 3)`` / ``(B, H, W,
+                3)`` in [0, 1], a tensor ``(B, 3, H, W)``, or a list (conversions: :mod:`lcm_kit.pipeline_inputs`).
             strength: How much of the schedule is re-run on ``image``, in ``(0, 1]``; 0.8 if ``image`` is given
                 without it. Passing it without ``image`` is an error.
             height: Output height in pixels, a multiple of ``vae_scale_factor``; defaults to the UNet sample size
@@ -207,23 +210,23 @@ class LCMPipeline(
         """
         guidance = G.Guidance.decide(self.unet.config, guidance_scale)
         num_inference_steps, timesteps = call_schedule(self.scheduler, num_inference_steps, timesteps)
-        args = U.check_call_args(
+        args = inputs.check_call_args(
             self, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds, image=image, strength=strength, height=height, width=width,
-            num_inference_steps=num_inference_steps, timesteps=timesteps, num_images_per_prompt=num_images_per_prompt,
-            generator=generator, output_type=output_type, callback=callback_on_step_end,
-            callback_inputs=callback_on_step_end_tensor_inputs,
+            latents=latents, num_inference_steps=num_inference_steps, timesteps=timesteps,
+            num_images_per_prompt=num_images_per_prompt, generator=generator, output_type=output_type,
+            callback=callback_on_step_end, callback_inputs=callback_on_step_end_tensor_inputs,
         )  # fmt: skip
-        batch_size, height, width, strength, cb_inputs = args
+        batch_size, height, width, strength, cb_inputs, image = args
         self._cross_attention_kwargs = cross_attention_kwargs
         device = self._execution_device
+        self.scheduler.set_timesteps(  # before the text encoder: it checks the steps against the grid
+            None if timesteps is not None else num_inference_steps, device, original_inference_steps, timesteps,
+            strength or 1.0,
+        )  # fmt: skip
         cond, uncond = self._encode_text(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, guidance, clip_skip,
             device,
-        )  # fmt: skip
-        self.scheduler.set_timesteps(
-            None if timesteps is not None else num_inference_steps, device, original_inference_steps, timesteps,
-            strength or 1.0,
         )  # fmt: skip
         total = batch_size * num_images_per_prompt
         if latents is None:

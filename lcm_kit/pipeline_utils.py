@@ -1,6 +1,6 @@
-"""Helpers of :class:`lcm_kit.LCMPipeline`: argument checks and defaults (:func:`check_call_args`), batch expansion,
-the initial latents, VAE decoding and the stock-diffusers save format. The guidance decision is
-:mod:`lcm_kit.guidance`.
+"""Helpers of :class:`lcm_kit.LCMPipeline`: batch expansion, the initial latents, VAE decoding and the
+stock-diffusers save format. Argument checks and image conversion are :mod:`lcm_kit.pipeline_inputs`; the guidance
+decision is :mod:`lcm_kit.guidance`.
 
 A folder written by ``LCMPipeline.save_pretrained`` is a plain diffusers folder: ``model_index.json`` names
 ``LatentConsistencyModelPipeline`` (UNet with a guidance-scale embedding) or ``StableDiffusionPipeline`` (plain SD
@@ -14,13 +14,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
-from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from diffusers.utils.torch_utils import randn_tensor
@@ -29,115 +27,8 @@ from .atomic import write_json
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_TYPES: tuple[str, ...] = ("pil", "np", "pt", "latent")
 # Keyword arguments of DiffusionPipeline.from_pretrained that locate a file, forwarded to the scheduler's load_config.
 HUB_KWARGS: tuple[str, ...] = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
-DEFAULT_STRENGTH = 0.8  # diffusers' LCM img2img default
-
-
-class CallArgs(NamedTuple):
-    """Arguments of ``LCMPipeline.__call__`` after checks and defaults."""
-
-    batch_size: int
-    height: int
-    width: int
-    strength: float | None
-    callback_inputs: list[str]
-
-
-def check_call_args(pipe: Any, *, prompt: Any, negative_prompt: Any, prompt_embeds: torch.Tensor | None,
-                    negative_prompt_embeds: torch.Tensor | None, image: Any, strength: float | None,
-                    height: int | None, width: int | None, callback: Any, callback_inputs: Sequence[str] | None,
-                    **sampling: Any) -> CallArgs:  # fmt: skip
-    """Fills the defaults of ``LCMPipeline.__call__`` and checks every argument (:func:`check_prompt_args`,
-    :func:`check_sampling_args`, which also gets ``sampling``: steps, timesteps, images per prompt, generator,
-    output type). Defaults: strength 0.8 with an ``image``; the size of the image (rounded down) or of the UNet
-    sample; the callback's own ``tensor_inputs``, else ``["latents"]``."""
-    if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
-        callback_inputs = callback.tensor_inputs
-    callback_inputs = list(callback_inputs or ["latents"])
-    strength = DEFAULT_STRENGTH if image is not None and strength is None else strength
-    if image is not None:
-        h, w = pipe.image_processor.get_default_height_width(image)
-    else:
-        h = w = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    height, width = height or h, width or w
-    check_prompt_args(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
-    batch_size = batch_size_of(prompt, prompt_embeds)
-    check_sampling_args(
-        height=height, width=width, vae_scale_factor=pipe.vae_scale_factor, image=image, strength=strength,
-        batch_size=batch_size, callback_inputs=callback_inputs, allowed_callback_inputs=pipe._callback_tensor_inputs,
-        **sampling,
-    )  # fmt: skip
-    return CallArgs(batch_size, height, width, strength, callback_inputs)
-
-
-def batch_size_of(prompt: str | list[str] | None, prompt_embeds: torch.Tensor | None) -> int:
-    """Number of prompts: 1 for a string, ``len`` of a list, else the first dim of ``prompt_embeds``."""
-    if isinstance(prompt, str):
-        return 1
-    if isinstance(prompt, list):
-        return len(prompt)
-    return prompt_embeds.shape[0]
-
-
-def check_prompt_args(
-    prompt: Any, negative_prompt: Any, prompt_embeds: torch.Tensor | None, negative_prompt_embeds: torch.Tensor | None
-) -> None:
-    """Raises ``ValueError`` unless exactly one of ``prompt`` / ``prompt_embeds`` is given, with matching negatives."""
-    if (prompt is None) == (prompt_embeds is None):
-        given = "both" if prompt is not None else "neither"
-        raise ValueError(f"pass exactly one of prompt or prompt_embeds, got {given} (prompt={prompt!r})")
-    if prompt is not None and not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt)):
-        raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-    if negative_prompt is not None and negative_prompt_embeds is not None:
-        raise ValueError(f"pass at most one of negative_prompt or negative_prompt_embeds, got {negative_prompt!r} too")
-    if prompt_embeds is not None and negative_prompt_embeds is not None:
-        if prompt_embeds.shape != negative_prompt_embeds.shape:
-            raise ValueError(
-                f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
-                f"{tuple(negative_prompt_embeds.shape)} must have the same shape"
-            )
-
-
-def check_sampling_args(
-    *,
-    height: int,
-    width: int,
-    vae_scale_factor: int,
-    num_inference_steps: int,
-    timesteps: Sequence[int] | None,
-    image: Any,
-    strength: float | None,
-    num_images_per_prompt: int,
-    generator: torch.Generator | list[torch.Generator] | None,
-    batch_size: int,
-    output_type: str,
-    callback_inputs: Sequence[str],
-    allowed_callback_inputs: Sequence[str],
-) -> None:
-    """Raises ``ValueError`` naming the offending value for every bad sampling argument of ``LCMPipeline``."""
-    if height % vae_scale_factor or width % vae_scale_factor:
-        raise ValueError(f"height and width must be multiples of {vae_scale_factor}, got {height} x {width}")
-    if timesteps is None and num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-    if strength is not None and not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
-    if strength is not None and image is None:
-        raise ValueError(f"strength={strength} needs an image (image-to-image); got image=None")
-    if num_images_per_prompt < 1:
-        raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-    total = batch_size * num_images_per_prompt
-    if isinstance(generator, list) and len(generator) != total:
-        raise ValueError(
-            f"got a list of {len(generator)} generators for {batch_size} prompt(s) x {num_images_per_prompt} "
-            f"image(s) per prompt = {total} images"
-        )
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-    unknown = [k for k in callback_inputs if k not in allowed_callback_inputs]
-    if unknown:
-        raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not in {list(allowed_callback_inputs)}")
 
 
 def expand_batch(x: torch.Tensor, batch_size: int, num_images_per_prompt: int) -> torch.Tensor:

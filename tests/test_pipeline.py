@@ -380,3 +380,133 @@ def test_bf16_text_encoder_with_fp32_unet(tiny_lcm_dir):
     assert out.dtype == torch.float32
     # only the text embeddings were rounded to bf16 (8 mantissa bits): outputs agree to a few percent
     torch.testing.assert_close(out, ref, atol=0.1, rtol=0.05)
+
+
+# ---- image inputs (issue 11 items 3, 4, 13) -----------------------------------------------------------------------
+IMG2IMG = dict(prompt="a cat", strength=0.6, num_inference_steps=2)
+
+
+def _with_alpha(image: PIL.Image.Image, alpha: np.ndarray) -> PIL.Image.Image:
+    return PIL.Image.fromarray(np.dstack([np.asarray(image), alpha.astype(np.uint8)]))
+
+
+def test_rgba_and_cmyk_images_are_converted_to_rgb_not_taken_as_latents(lcm_pipe, init_image):
+    expected = _run(lcm_pipe, image=init_image, **IMG2IMG)
+    assert expected.shape == (1, 16, 16, 3)
+    opaque = _with_alpha(init_image, np.full((16, 16), 255))
+    np.testing.assert_array_equal(_run(lcm_pipe, image=opaque, **IMG2IMG), expected)  # was a 32x32 "latent" decode
+    cmyk = init_image.convert("CMYK")
+    np.testing.assert_array_equal(_run(lcm_pipe, image=cmyk, **IMG2IMG), _run(lcm_pipe, image=cmyk.convert("RGB"),
+                                                                             **IMG2IMG))  # fmt: skip
+    # a transparent image is flattened onto white (lcm_kit.images.to_rgb) before it is encoded
+    alpha = np.tile(np.linspace(0, 255, 16), (16, 1)).round()
+    rgb = np.asarray(init_image, dtype=np.float64)
+    over_white = PIL.Image.fromarray(np.rint(rgb * alpha[..., None] / 255 + 255 * (1 - alpha[..., None] / 255))
+                                     .astype(np.uint8))  # fmt: skip
+    out = _run(lcm_pipe, image=_with_alpha(init_image, alpha), **IMG2IMG)
+    np.testing.assert_allclose(out, _run(lcm_pipe, image=over_white, **IMG2IMG), atol=0.02)  # alpha_composite rounds
+
+
+def test_numpy_rgba_is_flattened_onto_white(lcm_pipe, init_image):
+    rgb = np.asarray(init_image, dtype=np.float32) / 255
+    alpha = np.tile(np.linspace(0, 1, 16, dtype=np.float32), (16, 1))[..., None]
+    out = _run(lcm_pipe, image=np.dstack([rgb, alpha]), **IMG2IMG)
+    assert out.shape == (1, 16, 16, 3)
+    np.testing.assert_allclose(out, _run(lcm_pipe, image=rgb * alpha + (1 - alpha), **IMG2IMG), atol=1e-6)
+
+
+def test_16_bit_image_is_scaled_to_8_bits(lcm_pipe):
+    values = np.random.default_rng(1).integers(0, 65536, (16, 16)).astype(np.uint16)
+    sixteen = PIL.Image.frombytes("I;16", (16, 16), values.astype("<u2").tobytes())
+    eight = PIL.Image.fromarray(np.rint(values / 257).astype(np.uint8)).convert("RGB")  # 65535 -> 255
+    np.testing.assert_array_equal(_run(lcm_pipe, image=sixteen, **IMG2IMG), _run(lcm_pipe, image=eight, **IMG2IMG))
+
+
+def test_latents_tensor_as_image_is_kept_as_diffusers_does(lcm_pipe):
+    # diffusers' VaeImageProcessor and LCM img2img take a 4-channel *tensor* as already-encoded latents; kept.
+    latents = randn_tensor((1, 4, 8, 8), generator=torch.Generator().manual_seed(7))
+    ref = _reference(LatentConsistencyModelImg2ImgPipeline, lcm_pipe)
+    out = _run(lcm_pipe, image=latents, **IMG2IMG)
+    assert out.shape == (1, 16, 16, 3)
+    np.testing.assert_allclose(out, _run(ref, image=latents, **IMG2IMG), atol=ATOL)
+
+
+def test_numpy_hwc_image_needs_no_height_or_width(lcm_pipe, init_image):
+    array = np.asarray(init_image, dtype=np.float32) / 255  # (H, W, 3), the documented format
+    expected = _run(lcm_pipe, image=init_image, **IMG2IMG)
+    np.testing.assert_allclose(_run(lcm_pipe, image=array, **IMG2IMG), expected, atol=1e-5)
+    np.testing.assert_allclose(_run(lcm_pipe, image=[array], **IMG2IMG), expected, atol=1e-5)
+
+
+def test_one_image_per_prompt_list(lcm_pipe, init_image):
+    other = PIL.Image.fromarray(np.asarray(init_image)[::-1].copy())
+    kwargs = dict(image=[init_image, other], prompt=PROMPTS, strength=0.6, num_inference_steps=2, output_type="np")
+
+    def gens(*seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    both = lcm_pipe(generator=gens(3, 4), **kwargs).images
+    assert both.shape == (2, 16, 16, 3) and not np.allclose(both[0], both[1], atol=ATOL)
+    ref = _reference(LatentConsistencyModelImg2ImgPipeline, lcm_pipe)
+    np.testing.assert_allclose(both, ref(generator=gens(3, 4), **kwargs).images, atol=ATOL)
+    for i, seed in enumerate((3, 4)):
+        single = dict(kwargs, image=kwargs["image"][i], prompt=PROMPTS[i])
+        np.testing.assert_allclose(both[i], lcm_pipe(generator=gens(seed)[0], **single).images[0], atol=ATOL)
+
+
+class ModelCalls:
+    """Counts forward calls of the UNet, the VAE encoder and decoder and the text encoder."""
+
+    def __init__(self, pipe):
+        self.calls = 0
+        modules = (pipe.unet, pipe.vae.encoder, pipe.vae.decoder, pipe.text_encoder)
+        self.handles = [m.register_forward_pre_hook(self._hook) for m in modules]
+
+    def _hook(self, module, args):
+        self.calls += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize(
+    "kwargs, value",
+    [
+        (dict(height=-8), "height must be >= 1, got -8"),
+        (dict(height=0), "height must be >= 1, got 0"),
+        (dict(width=0, image="IMG"), "width must be >= 1, got 0"),
+        (dict(height=16.0), "height must be an integer, got 16.0"),
+        (dict(image="x.png"), "image must be a PIL image"),
+        (dict(image=123), "got int 123"),
+        (dict(image=[]), "got list []"),
+        (dict(image=["IMG", np.zeros((16, 16, 3))]), "image must be"),  # mixed kinds
+        (dict(image=np.zeros((16, 16, 3), dtype=np.uint8)), "dtype uint8"),
+        (dict(image=np.zeros((16, 16, 2), dtype=np.float32)), "C = 3, 1 or 4"),
+        (dict(image=torch.zeros(1, 2, 16, 16)), "(N, 3, H, W) pixels"),
+        (dict(image=["IMG"] * 3, prompt=PROMPTS), "got 3 images in image for 2 prompt(s)"),
+        (dict(latents=torch.zeros(3, 4, 8, 8)), "latents must have shape (1, 4, 8, 8)"),
+        (dict(latents=torch.zeros(1, 3, 8, 8)), "latents must have shape (1, 4, 8, 8)"),
+        (dict(latents=torch.zeros(1, 4, 8, 8), height=32), "latents must have shape (1, 4, 16, 8)"),
+        (dict(latents=np.zeros((1, 4, 8, 8))), "latents must be a tensor"),
+        (dict(prompt=None, prompt_embeds=torch.zeros(1, 77, 12)), "prompt_embeds must be a tensor (batch, tokens, 16"),
+        (dict(negative_prompt_embeds=torch.zeros(1, 77, 12)), "negative_prompt_embeds must be a tensor"),
+        (dict(num_inference_steps=2.5), "num_inference_steps must be an integer, got 2.5"),
+        (dict(num_inference_steps=51), "num_inference_steps (51)"),  # checked by the scheduler's grid
+        (dict(num_images_per_prompt=1.5), "num_images_per_prompt must be an integer, got 1.5"),
+        (dict(image="IMG", strength="0.5"), "strength must be in (0, 1]"),
+    ],
+)
+def test_bad_inputs_raise_before_any_model_runs(lcm_pipe, init_image, kwargs, value):
+    def fill(x):  # "IMG" stands for the init image (a fixture)
+        return init_image if isinstance(x, str) and x == "IMG" else x
+
+    image = kwargs.get("image")
+    kwargs = {"prompt": "a cat", "num_inference_steps": 2, **kwargs}
+    kwargs["image"] = [fill(x) for x in image] if isinstance(image, list) else fill(image)
+    with ModelCalls(lcm_pipe) as calls, pytest.raises(ValueError, match=re.escape(value)):
+        lcm_pipe(**kwargs)
+    assert calls.calls == 0
