@@ -100,10 +100,12 @@ def check_prompt_args(prompt: Any, negative_prompt: Any, prompt_embeds: torch.Te
         raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
     if negative_prompt is not None and negative_prompt_embeds is not None:
         raise ValueError(f"pass at most one of negative_prompt or negative_prompt_embeds, got {negative_prompt!r} too")
-    width = unet_config.cross_attention_dim
+    width = unet_config.cross_attention_dim  # an int for SD1.x/2.x UNets
     for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
-        good = isinstance(embeds, torch.Tensor) and embeds.ndim == 3 and embeds.shape[-1] == width
-        if embeds is not None and not good:
+        if embeds is None:
+            continue
+        is_3d = isinstance(embeds, torch.Tensor) and embeds.ndim == 3
+        if not is_3d or (isinstance(width, int) and embeds.shape[-1] != width):
             shape = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
             raise ValueError(
                 f"{name} must be a tensor (batch, tokens, {width}) for this model (the text encoder's width, the "
