@@ -40,7 +40,7 @@ def test_full_lcm_folder_is_plain_lcm_and_matches_stock_diffusers() -> None:
 
 
 # state_digest (lcm_kit.distill.outputs: sha256 over sorted keys and float32 bytes) of each committed LoRA as it was
-# committed before the default file became the kohya-ss layout (commit 0f58ed4, PEFT keys unet.<path>.lora_{A,B}.weight)
+# committed before the default file became the kohya-ss layout (commit 0f58ed4, keys unet.<path>.lora_{A,B}.weight)
 PEFT_LAYOUT_DIGESTS = {
     LORA: "1fdf117995abd019d3f7eab23ce7c3aebae87d846ec96b6fa212d6b14f31df9c",
     LORA_SEED1: "ad5191256993f052dc98056c11d2c5b6a46a59bf4dcda0664e626929b37b601b",
