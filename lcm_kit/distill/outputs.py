@@ -62,9 +62,8 @@ def write_config(config: RunConfig) -> Path:
 def save_final(nets: Networks, student: torch.nn.Module, teacher: Teacher, contract: SamplingContract,
                output_dir: str, save_peft_layout: bool) -> list[Path]:  # fmt: skip
     """LoRA: ``pytorch_lora_weights.safetensors`` (kohya-ss layout; + the PEFT-layout file), the sampling contract in
-    their metadata. Full: an
-    ``LCMPipeline`` folder with the EMA UNet and :func:`student_scheduler` (contract in its config; ``unet_online/``
-    holds the online student). ``student`` is the unwrapped student."""
+    their metadata. Full: an ``LCMPipeline`` folder with the EMA UNet and :func:`student_scheduler` (contract in its
+    config; ``unet_online/`` holds the online student). ``student`` is the unwrapped student."""
     if nets.target is None:
         return save_lora(student, output_dir, peft_layout=save_peft_layout, metadata=contract.as_metadata())
     from ..pipeline import LCMPipeline

@@ -93,9 +93,9 @@ def kohya_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _kohya_key(peft_key: str) -> str:
     """``[unet.]<a.b.c>.lora_A.weight`` -> ``lora_unet_<a_b_c>.lora_down.weight`` (``lora_B`` -> ``lora_up``)."""
-    module, sep, kind = _strip_prefix(peft_key).rpartition(".lora_")
     if peft_key.startswith(_KOHYA_PREFIX):
         raise ValueError(f"{peft_key!r} is already in the kohya layout")
+    module, sep, kind = _strip_prefix(peft_key).rpartition(".lora_")
     if not sep or kind not in _KOHYA_KIND:
         raise ValueError(f"not a peft LoRA key (…lora_A.weight / …lora_B.weight): {peft_key!r}")
     if module.startswith(("text_encoder", "lora_te")):
