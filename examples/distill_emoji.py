@@ -66,7 +66,7 @@ def distill(args: argparse.Namespace, resolution: int, teacher_guidance: Guidanc
         "--output_dir", args.output_dir, "--resolution", str(resolution), "--center_crop", "true",
         "--cache_dir", str(Path(args.data_dir) / "cache"), "--max_train_steps", str(args.max_train_steps),
         *RECIPE, "--w_min", str(w), "--w_max", str(w), "--checkpointing_steps", "0", "--validation_steps", "0",
-        "--report_to", "none", "--save_kohya", "true", "--seed", str(args.seed), "--mixed_precision", "no",
+        "--report_to", "none", "--seed", str(args.seed), "--mixed_precision", "no",
     ]  # fmt: skip
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)

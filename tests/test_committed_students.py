@@ -39,6 +39,40 @@ def test_full_lcm_folder_is_plain_lcm_and_matches_stock_diffusers() -> None:
     assert expected.shape == (1, 32, 32, 3)
 
 
+# state_digest (lcm_kit.distill.outputs: sha256 over sorted keys and float32 bytes) of each committed LoRA as it was
+# committed before the default file became the kohya-ss layout (commit 0f58ed4, keys unet.<path>.lora_{A,B}.weight)
+PEFT_LAYOUT_DIGESTS = {
+    LORA: "1fdf117995abd019d3f7eab23ce7c3aebae87d846ec96b6fa212d6b14f31df9c",
+    LORA_SEED1: "ad5191256993f052dc98056c11d2c5b6a46a59bf4dcda0664e626929b37b601b",
+}
+
+
+@pytest.mark.parametrize("lora", [LORA, LORA_SEED1], ids=["seed0", "seed1"])
+def test_committed_lora_is_the_kohya_layout_of_the_trained_tensors(lora: Path) -> None:
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from test_lora import check_kohya_layout
+
+    from lcm_kit.contract import read_lora_contract
+    from lcm_kit.distill.outputs import state_digest
+
+    path = lora / "pytorch_lora_weights.safetensors"
+    state = load_file(path)
+    teacher = UNet2DConditionModel.from_pretrained(TEACHER, subfolder="unet")
+    modules = check_kohya_layout(state, teacher, rank=16, alpha=16.0)
+    # the keys mapped back by the rule, through the teacher's module paths: bit for bit the tensors committed before
+    paths = {"lora_unet_" + n.replace(".", "_"): n for n, _ in teacher.named_modules()}
+    peft = {f"unet.{paths[m]}.lora_{ab}.weight": state[f"{m}.lora_{ud}.weight"]
+            for m in modules for ab, ud in (("A", "down"), ("B", "up"))}  # fmt: skip
+    assert all(v.dtype == torch.float32 for v in state.values())
+    assert state_digest(peft) == PEFT_LAYOUT_DIGESTS[lora]
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert (meta["lcm_kit.rank"], meta["lcm_kit.alpha"], meta["format"]) == ("16", "16.0", "pt")
+    assert read_lora_contract(path).scheduler["gamma"] == 0.3 and "lora_adapter_metadata" not in meta
+
+
 @pytest.mark.parametrize("lora", [LORA, LORA_SEED1], ids=["seed0", "seed1"])
 def test_lora_loads_into_stock_sd_pipeline_and_matches_ours(lora: Path) -> None:
     # The LoRA's contract says: TCD sampling with gamma 0.3. Stock diffusers does that with TCDScheduler(eta=0.3);
@@ -54,6 +88,12 @@ def test_lora_loads_into_stock_sd_pipeline_and_matches_ours(lora: Path) -> None:
     stock.scheduler = TCDScheduler.from_config(stock.scheduler.config)
     before = _images(stock, guidance_scale=1.0, eta=0.3)
     stock.load_lora_weights(lora)
+    from peft import get_peft_model_state_dict
+
+    from lcm_kit.distill.outputs import state_digest
+
+    loaded = get_peft_model_state_dict(stock.unet, adapter_name="default_0")  # every tensor, bit for bit
+    assert state_digest({f"unet.{k}": v for k, v in loaded.items()}) == PEFT_LAYOUT_DIGESTS[lora]
     expected = _images(stock, guidance_scale=1.0, eta=0.3)
     assert np.abs(expected - before).max() > 0.05  # the adapter is actually applied
     ours = LCMPipeline.from_pretrained(TEACHER, safety_checker=None)

@@ -52,7 +52,7 @@ def _lora_with(tmp_path, tiny_sd_dir, contract: SamplingContract | None):
             if "lora_B" in name:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
     out = tmp_path / ("lora" if contract else "plain")
-    save_lora(unet, out, kohya=True, metadata=contract.as_metadata() if contract else None)
+    save_lora(unet, out, metadata=contract.as_metadata() if contract else None)
     return out
 
 

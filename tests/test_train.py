@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_data import make_image_folder, make_shards
 
 from lcm_kit.distill import parse_config
@@ -60,25 +61,30 @@ def base_args(teacher, images, out, steps=2, *extra) -> list[str]:
 
 def test_lora_run_loads_in_stock_diffusers(tmp_path, tiny_sd_dir, images):
     from diffusers import StableDiffusionPipeline
+    from peft import get_peft_model_state_dict
+
+    from lcm_kit.lora import LORA_WEIGHT_NAME, PEFT_WEIGHT_NAME, to_peft
 
     out = tmp_path / "out"
-    argv = base_args(tiny_sd_dir, images, out, 2, "--save_kohya", "--validation_steps", "2", "--report_to",
+    argv = base_args(tiny_sd_dir, images, out, 2, "--save_peft_layout", "--validation_steps", "2", "--report_to",
                      "tensorboard", "--validation_prompts", "a red circle|a blue square", "--random_flip")  # fmt: skip
     assert load_script().main(argv) == 0
     config = json.loads((out / "training_config.json").read_text())
     assert config["mode"] == "lora" and config["lora_rank"] == 4 and config["w_min"] == 5.0
-    assert (out / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
-    assert (out / "pytorch_lora_weights_kohya.safetensors").is_file()
-    assert "load_lora_weights" in (out / "README.md").read_text()
+    assert (out / "checkpoint-2" / LORA_WEIGHT_NAME).is_file()
+    peft = load_file(out / PEFT_WEIGHT_NAME)
+    assert all(k.startswith("unet.") and ".lora_" in k for k in peft)
+    card = (out / "README.md").read_text()
+    assert "load_lora_weights" in card and "kohya-ss layout" in card and PEFT_WEIGHT_NAME in card
     from PIL import Image
 
     grid = Image.open(out / "validation" / "step-2.png")
     assert grid.size == (3 * 16, 2 * 16)  # columns 1/2/4 steps, rows prompts
     assert list((out / "logs").rglob("events.out.tfevents*"))
 
-    state = load_file(out / "pytorch_lora_weights.safetensors")
-    assert all(k.startswith("unet.") and ".lora_" in k for k in state)
-    assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)  # trained (B starts at zero)
+    state = load_file(out / LORA_WEIGHT_NAME)  # the default file: kohya layout, the PEFT file's tensors renamed
+    assert all(k.startswith("lora_unet_") for k in state)
+    assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_up" in k)  # trained (B starts at zero)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
 
@@ -88,8 +94,10 @@ def test_lora_run_loads_in_stock_diffusers(tmp_path, tiny_sd_dir, images):
 
     before = sample()
     pipe.load_lora_weights(out)
-    n_loaded = sum(1 for n, _ in pipe.unet.named_parameters() if "lora_" in n)
-    assert n_loaded == len(state)  # every tensor of the file landed in the UNet
+    loaded = get_peft_model_state_dict(pipe.unet, adapter_name="default_0")
+    assert loaded.keys() == {k.removeprefix("unet.") for k in peft}  # every tensor of the file landed in the UNet
+    assert all(torch.equal(v, peft[f"unet.{k}"]) for k, v in loaded.items())
+    assert all(torch.equal(v, loaded[k]) for k, v in to_peft(state, loaded).items())
     assert not np.allclose(before, sample(), atol=1e-6)
 
 
@@ -136,6 +144,24 @@ def test_resume_is_exact(tmp_path, tiny_sd_dir, images):
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     assert max((a[k] - mid[k]).abs().max().item() for k in a) > 1e-5  # the resumed run did train
+    # a checkpoint written before the default file became the kohya layout (PEFT keys, the old flag in its config)
+    # resumes just as exactly
+    from diffusers import UNet2DConditionModel
+
+    from lcm_kit.lora import LORA_WEIGHT_NAME, adapter_state_dict, add_lcm_lora, to_peft
+
+    old = tmp_path / "c" / "checkpoint-2"
+    shutil.copytree(tmp_path / "b" / "checkpoint-2", old)
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet")
+    add_lcm_lora(unet, rank=4)
+    peft = to_peft(mid, adapter_state_dict(unet, "default"))
+    save_file({f"unet.{k}": v for k, v in peft.items()}, old / LORA_WEIGHT_NAME)
+    config = json.loads((old / "training_config.json").read_text())
+    config["save_kohya"] = config.pop("save_peft_layout")
+    (old / "training_config.json").write_text(json.dumps(config))
+    main(base_args(tiny_sd_dir, images, tmp_path / "c", 4, *extra, "--resume_from_checkpoint", "latest"))
+    c = load_file(tmp_path / "c" / LORA_WEIGHT_NAME)
+    assert c.keys() == a.keys() and all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_gradient_checkpointing_gives_the_same_weights(tmp_path, tiny_sd_dir, images):
@@ -236,13 +262,16 @@ def test_webdataset_shards_train(tmp_path, tiny_sd_dir, images):
 def test_config_parses_every_flag_into_its_part(tiny_sd_dir, images):
     # HfArgumentParser maps the flat flags onto the five frozen parts; prediction_type is no flag (the teacher's).
     argv = base_args(tiny_sd_dir, images, "out", 2, "--mode", "full", "--mixed_precision", "bf16", "--lora_alpha",
-                     "8", "--num_ddim_timesteps", "25", "--center_crop", "--save_kohya", "false")  # fmt: skip
+                     "8", "--num_ddim_timesteps", "25", "--center_crop", "--save_peft_layout", "false")  # fmt: skip
     cfg = parse_config(argv)
     assert (cfg.model.mode, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_scale_alpha) == ("full", 4, 8, 8)
     assert (cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip) == (16, True, False)
     assert (cfg.objective.objective, cfg.objective.num_ddim_timesteps, cfg.objective.w_min) == ("lcm", 25, 5.0)
     assert (cfg.optim.mixed_precision, cfg.optim.max_train_steps, cfg.optim.seed) == ("bf16", 2, 1)
-    assert (cfg.output.output_dir, cfg.output.save_kohya, cfg.output.checkpoints_total_limit) == ("out", False, None)
+    assert (cfg.output.output_dir, cfg.output.checkpoints_total_limit) == ("out", None)
+    assert cfg.output.save_peft_layout is False
+    with pytest.raises(ValueError, match="--save_kohya is gone: the default pytorch_lora_weights.safetensors is"):
+        parse_config(base_args(tiny_sd_dir, images, "out") + ["--save_kohya", "true"])
     assert parse_config(base_args(tiny_sd_dir, images, "out")).model.lora_scale_alpha == 4  # alpha defaults to rank
     assert cfg.resolved()["num_ddim_timesteps"] == 25 and len(cfg.resolved()) == sum(
         len(dataclasses.fields(p)) for p in (cfg.model, cfg.data, cfg.objective, cfg.optim, cfg.output)
@@ -312,7 +341,8 @@ def test_trajectory_objectives_train_and_record_how_to_sample(tmp_path, tiny_sd_
 
     out = tmp_path / "out"
     argv = base_args(tiny_sd_dir, images, out, 2, "--objective", objective, "--num_phases", "2", "--mode", mode,
-                     "--validation_steps", "2", "--validation_prompts", "a red circle", "--save_kohya")  # fmt: skip
+                     "--validation_steps", "2", "--validation_prompts", "a red circle",
+                     "--save_peft_layout")  # fmt: skip
     assert load_script().main(argv) == 0
     card = (out / "README.md").read_text()
     grid = Image.open(out / "validation" / "step-2.png")
@@ -329,13 +359,14 @@ def test_trajectory_objectives_train_and_record_how_to_sample(tmp_path, tiny_sd_
         assert "num_inference_steps=4" in card and "gamma 0.3" in card and grid.size == (3 * 16, 16)
         contract = read_lora_contract(out / "pytorch_lora_weights.safetensors")
         assert contract.objective == "tcd" and contract.scheduler["gamma"] == 0.3 and contract.timesteps is None
-        assert read_lora_contract(out / "pytorch_lora_weights_kohya.safetensors") == contract
+        assert read_lora_contract(out / "pytorch_lora_weights_peft.safetensors") == contract
 
 
 def test_lora_ema_target_resumes_exactly_and_lags_the_student(tmp_path, tiny_sd_dir, images):
     # --lora_ema: the target is a second adapter that follows the trained one as an EMA (decay 0.5 here, so it
     # moves visibly in 4 steps); it is checkpointed, so resuming mid-run gives the same weights bit for bit.
     from lcm_kit.distill.checkpoints import EMA_WEIGHT_NAME
+    from lcm_kit.lora import to_peft
 
     main = load_script().main
     extra = ("--lora_ema", "--ema_decay", "0.5")
@@ -346,7 +377,7 @@ def test_lora_ema_target_resumes_exactly_and_lags_the_student(tmp_path, tiny_sd_
     b = load_file(tmp_path / "b" / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
     ema2, ema4 = (load_file(tmp_path / "a" / f"checkpoint-{s}" / EMA_WEIGHT_NAME) for s in (2, 4))
-    online4 = {k.removeprefix("unet."): v for k, v in a.items()}
+    online4 = to_peft(a, ema4)
     assert ema4.keys() == online4.keys()
     b_keys = [k for k in online4 if "lora_B" in k]  # B starts at 0 in both adapters; the EMA trails the student
     assert max((ema4[k] - ema2[k]).abs().max().item() for k in b_keys) > 0

@@ -2,7 +2,8 @@
 
 Layout ``<output_dir>/checkpoint-<step>/``: accelerate's ``save_state`` (optimizer, LR scheduler, RNG states,
 gradient-accumulation step) plus our hook's weights, safetensors only: ``pytorch_lora_weights.safetensors`` (lora
-mode; the base UNet is not duplicated; with ``--lora_ema`` also the EMA adapter) or ``unet/`` + ``unet_target/``
+mode, the kohya-ss layout of the final file, read back through the model's own peft keys; the base UNet is not
+duplicated; with ``--lora_ema`` also the EMA adapter) or ``unet/`` + ``unet_target/``
 (full mode, the EMA target included), ``training_state.json`` (``global_step``) and ``train_time.json``
 (``train_seconds``: wall time spent in the loop up to this step, summed over resumed runs; what
 ``bench/time_to_quality.py`` reads). A checkpoint is written to ``checkpoint-<step>.tmp`` and renamed when complete,
@@ -19,7 +20,7 @@ import shutil
 from pathlib import Path
 
 from ..atomic import save_safetensors
-from ..lora import EMA_ADAPTER, LORA_WEIGHT_NAME, adapter_state_dict, save_lora
+from ..lora import EMA_ADAPTER, LORA_WEIGHT_NAME, adapter_state_dict, save_lora, to_peft
 from .networks import Networks
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,8 @@ CONFIG_NAME = "training_config.json"  # the resolved config of the run that wrot
 RESUME_MAY_CHANGE = frozenset({
     "max_train_steps", "output_dir", "resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit",
     "validation_steps", "validation_prompts", "report_to", "dry_run", "debug_nan_at_step", "debug_param_digest",
-    "dataloader_num_workers", "allow_config_change", "prediction_type",
+    "dataloader_num_workers", "allow_config_change", "prediction_type", "save_peft_layout",
+    "save_kohya",  # the output flag of before the default file became the kohya layout, in older checkpoints
 })  # fmt: skip
 EMA_WEIGHT_NAME = "lora_ema_adapter.safetensors"  # lora_ema: the target adapter, peft keys
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -57,10 +59,12 @@ def register_hooks(accelerator, nets: Networks) -> None:
         while models:
             models.pop()
         if nets.target is None:
-            state = load_file(os.path.join(input_dir, LORA_WEIGHT_NAME))
-            result = set_peft_model_state_dict(student, {k.removeprefix("unet."): v for k, v in state.items()})
-            if getattr(result, "unexpected_keys", None):
-                raise ValueError(f"checkpoint LoRA keys do not match the model: {result.unexpected_keys[:5]}")
+            path = os.path.join(input_dir, LORA_WEIGHT_NAME)
+            try:
+                state = to_peft(load_file(path), adapter_state_dict(student, "default"))
+            except ValueError as err:
+                raise ValueError(f"checkpoint {path} does not match the model: {err}") from err
+            set_peft_model_state_dict(student, state)
             if nets.ema_pairs:
                 ema = load_file(os.path.join(input_dir, EMA_WEIGHT_NAME))
                 set_peft_model_state_dict(student, ema, adapter_name=EMA_ADAPTER)

@@ -5,7 +5,7 @@
       data       DataConfig       image folder / hub dataset / webdataset shards, transforms, latent cache
       objective  ObjectiveConfig  which loss (``lcm``) and its hyper-parameters (solver grid, w range, distance)
       optim      OptimConfig      batch, steps, AdamW, LR schedule, clipping, precision, seed
-      output     OutputConfig     output folder, checkpoints, validation, tracker, kohya file
+      output     OutputConfig     output folder, checkpoints, validation, tracker, PEFT-layout file
 
 Every flag of ``train/distill_lora.py`` is one field here (``transformers.HfArgumentParser`` maps them); each
 config validates itself in ``__post_init__``, so a bad value raises ``ValueError`` before any model is loaded. The
@@ -155,7 +155,11 @@ class OutputConfig:
         default="a photo of a cat|an astronaut riding a horse",
         metadata={"help": "'|'-separated validation prompts (grid rows; columns 1/2/4 steps)."},
     )
-    save_kohya: bool = field(default=False, metadata={"help": "lora: also write the kohya-format file."})
+    save_peft_layout: bool = field(
+        default=False,
+        metadata={"help": "lora: also write pytorch_lora_weights_peft.safetensors, the same tensors under diffusers' "
+                  "PEFT keys (the default file is the kohya-ss layout, which every SD tool and diffusers load)."},
+    )
     dry_run: bool = field(default=False, metadata={"help": "Validate, load models and one batch, train nothing."})
     debug_nan_at_step: int | None = field(default=None, metadata={"help": "Test hook: inf data at this step."})
     debug_param_digest: bool = field(default=False, metadata={"help": "Test hook: each rank writes a digest."})
@@ -213,6 +217,10 @@ class _Parser(HfArgumentParser):
 
 
 PARTS = (ModelConfig, DataConfig, ObjectiveConfig, OptimConfig, OutputConfig)
+_RETIRED = {  # flags of earlier versions -> what replaced them
+    "--save_kohya": "the default pytorch_lora_weights.safetensors is now the kohya-ss layout (ComfyUI, A1111, kohya "
+    "sd-scripts and diffusers load it); --save_peft_layout also writes the diffusers/PEFT-layout file",
+}
 
 
 def parse_config(argv: Sequence[str] | None = None, description: str | None = None) -> RunConfig:
@@ -225,6 +233,9 @@ def parse_config(argv: Sequence[str] | None = None, description: str | None = No
     parser = _Parser(PARTS, description=description)
     *parts, unknown = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None,
                                                         return_remaining_strings=True)  # fmt: skip
+    retired = [flag for flag in unknown if flag in _RETIRED]
+    if retired:
+        raise ValueError(f"{retired[0]} is gone: {_RETIRED[retired[0]]}")
     if unknown:
         raise ValueError(f"unknown argument(s) {unknown}; `python train/distill_lora.py --help` lists the flags")
     return RunConfig(*parts)

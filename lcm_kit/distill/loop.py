@@ -234,7 +234,7 @@ def run(config: RunConfig) -> int:
     if accelerator.is_main_process:
         contract = state.objective.sampling()
         outputs.save_final(state.nets, student, state.teacher, contract, config.output.output_dir,
-                           config.output.save_kohya)  # fmt: skip
+                           config.output.save_peft_layout)  # fmt: skip
         outputs.write_model_card(state.config, contract, step, accelerator.num_processes)
     if config.output.debug_param_digest:
         outputs.write_debug_digest(student, config, accelerator.process_index)

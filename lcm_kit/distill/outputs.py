@@ -1,5 +1,6 @@
-"""What a distillation run writes: the resolved config, the student's scheduler, the final weights (LoRA + kohya,
-or a full ``LCMPipeline`` folder), the model card and validation grids.
+"""What a distillation run writes: the resolved config, the student's scheduler, the final weights (the LoRA in the
+kohya-ss layout, optionally also in the PEFT layout, or a full ``LCMPipeline`` folder), the model card and validation
+grids.
 
 The objective's sampling contract (:meth:`lcm_kit.distill.objectives.Objective.sampling`) is where the training
 settings become sampler settings (the solver grid ``original_inference_steps``, ``timestep_scaling``, ``sigma_data``,
@@ -18,7 +19,7 @@ import torch
 
 from ..contract import SamplingContract
 from ..functional import guidance_scale_from_w
-from ..lora import save_lora
+from ..lora import PEFT_WEIGHT_NAME, save_lora
 from ..scheduler import LCMKitScheduler
 from .config import RunConfig
 from .networks import Networks, Teacher
@@ -59,12 +60,12 @@ def write_config(config: RunConfig) -> Path:
 
 
 def save_final(nets: Networks, student: torch.nn.Module, teacher: Teacher, contract: SamplingContract,
-               output_dir: str, save_kohya: bool) -> list[Path]:  # fmt: skip
-    """LoRA: ``pytorch_lora_weights.safetensors`` (+ kohya), the sampling contract in their metadata. Full: an
-    ``LCMPipeline`` folder with the EMA UNet and :func:`student_scheduler` (contract in its config; ``unet_online/``
-    holds the online student). ``student`` is the unwrapped student."""
+               output_dir: str, save_peft_layout: bool) -> list[Path]:  # fmt: skip
+    """LoRA: ``pytorch_lora_weights.safetensors`` (kohya-ss layout; + the PEFT-layout file), the sampling contract in
+    their metadata. Full: an ``LCMPipeline`` folder with the EMA UNet and :func:`student_scheduler` (contract in its
+    config; ``unet_online/`` holds the online student). ``student`` is the unwrapped student."""
     if nets.target is None:
-        return save_lora(student, output_dir, kohya=save_kohya, metadata=contract.as_metadata())
+        return save_lora(student, output_dir, peft_layout=save_peft_layout, metadata=contract.as_metadata())
     from ..pipeline import LCMPipeline
 
     pipe = LCMPipeline(  # training is over: the text encoder goes back to fp32 (it ran in the mixed dtype)
@@ -94,7 +95,11 @@ Sampling contract (what it was trained for): {contract}. Sample it with `LCMKitS
 {usage}
 """
 
-LORA_USAGE = """lcm_kit applies the sampling contract stored in the file when the LoRA is loaded:
+LORA_USAGE = """`pytorch_lora_weights.safetensors` is in the kohya-ss layout (`lora_unet_...` keys, each module's alpha
+stored): put it into ComfyUI's `models/loras`, A1111's / Forge's `models/Lora` or kohya sd-scripts; diffusers'
+`load_lora_weights` loads it as well.{peft_file}
+
+lcm_kit applies the sampling contract stored in the file when the LoRA is loaded:
 ```python
 from lcm_kit import LCMPipeline
 pipe = LCMPipeline.from_pretrained("{teacher}")
@@ -139,9 +144,11 @@ def write_model_card(config: RunConfig, sampling: SamplingContract, steps: int, 
     call = (f"timesteps={list(sampling.timesteps)}" if sampling.timesteps is not None
             else f"num_inference_steps={sampling.num_inference_steps}")  # fmt: skip
     contract = f"objective `{sampling.objective}`, {call}, gamma {sampler['gamma']}"
+    peft_file = (f" `{PEFT_WEIGHT_NAME}` holds the same tensors under diffusers' PEFT keys."
+                 if config.output.save_peft_layout else "")  # fmt: skip
     usage = (LORA_USAGE if lora else FULL_USAGE).format(teacher=m.pretrained_teacher_model, steps=call,
                                                        out=config.output.output_dir, stock_kwargs=stock_kwargs,
-                                                       **stock)  # fmt: skip
+                                                       peft_file=peft_file, **stock)  # fmt: skip
     text = MODEL_CARD.format(
         tag="lora" if lora else "full", title="LCM-LoRA" if lora else "Latent Consistency Model", mode=m.mode,
         objective=o.objective, teacher=m.pretrained_teacher_model, steps=steps, batch=opt.train_batch_size,
@@ -186,10 +193,10 @@ def validation_grid(unet: torch.nn.Module, teacher: Teacher, scheduler: LCMKitSc
 
 
 def write_debug_digest(student: torch.nn.Module, config: RunConfig, rank: int) -> Path:
-    """Test hook: each rank writes the digest of its trained weights (LoRA tensors or the full student)."""
-    from ..lora import lora_state_dict
+    """Test hook: each rank writes the digest of its trained weights (the LoRA file's tensors or the full student)."""
+    from ..lora import kohya_state_dict
 
-    state = lora_state_dict(student) if config.model.mode == "lora" else student.state_dict()
+    state = kohya_state_dict(student) if config.model.mode == "lora" else student.state_dict()
     path = Path(config.output.output_dir, f"debug_params_rank{rank}.txt")
     path.write_text(state_digest(state))
     return path
