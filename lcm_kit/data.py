@@ -11,7 +11,10 @@ Three sources, one per option of :class:`DataConfig`, all read as a random-acces
   read by offset in any order: shuffling is the sampler's and resume is exact, unlike streaming shard resampling.
 
 Every image is decoded once before training (:func:`build_dataset` / :func:`scan_valid`): unreadable or corrupt
-ones are skipped, counted and reported, never crash a run; no valid sample at all raises ``ValueError``.
+ones are skipped, counted and reported, never crash a run, and so are rows without a caption (null, no caption key,
+an empty CSV field: never the literal caption ``"None"``); no valid sample at all raises ``ValueError``. A file that
+cannot be read as data at all (a malformed ``metadata.csv`` / ``metadata.jsonl``, a shard that is not a whole tar)
+raises a ``ValueError`` naming it (and the line) before any image is decoded.
 
 Transforms (no torchvision): resize the short side to ``resolution`` (bilinear, as diffusers' scripts), center or
 random crop to a square, optional horizontal flip (p = 0.5), scale to ``[-1, 1]``. Random choices come from a
@@ -37,6 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .metadata import caption_text, check_metadata_files
 from .shards import ShardSource, expand_shards
 
 logger = logging.getLogger(__name__)
@@ -107,12 +111,9 @@ class HFSource:
     def fingerprint(self) -> str:
         return str(getattr(self.ds, "_fingerprint", len(self.ds)))
 
-    def raw(self, i: int) -> tuple[Any, str]:
+    def raw(self, i: int) -> tuple[Any, str | None]:
         row = self.ds[int(i)]
-        caption = row[self.caption_column]
-        if isinstance(caption, (list, tuple)):  # several captions per image: the first, deterministically
-            caption = caption[0] if caption else ""
-        return row[self.image_column], str(caption)
+        return row[self.image_column], caption_text(row[self.caption_column])
 
 
 def open_source(config: DataConfig) -> HFSource | ShardSource:
@@ -124,6 +125,7 @@ def open_source(config: DataConfig) -> HFSource | ShardSource:
     import datasets
 
     if config.train_data_dir:
+        check_metadata_files(config.train_data_dir)  # a ValueError with file and line before datasets parses it
         ds = datasets.load_dataset("imagefolder", data_dir=config.train_data_dir, split="train")
     else:
         ds = datasets.load_dataset(config.dataset_name, config.dataset_config_name, split="train")
