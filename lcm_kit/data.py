@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .digests import rows_sha256
 from .metadata import caption_text, check_metadata_files
 from .shards import ShardSource, expand_shards
 
@@ -109,7 +110,10 @@ class HFSource:
         return len(self.ds)
 
     def fingerprint(self) -> str:
-        return str(getattr(self.ds, "_fingerprint", len(self.ds)))
+        """sha256 of every row's image bytes and caption, in order: the content, not sizes or mtimes."""
+        image, caption = self.image_column, self.caption_column
+        batches = self.ds.select_columns(list(dict.fromkeys([image, caption]))).iter(batch_size=1024)
+        return rows_sha256(row for b in batches for row in zip(b[image], b[caption], strict=True))
 
     def raw(self, i: int) -> tuple[Any, str | None]:
         row = self.ds[int(i)]
@@ -125,8 +129,10 @@ def open_source(config: DataConfig) -> HFSource | ShardSource:
     import datasets
 
     if config.train_data_dir:
-        check_metadata_files(config.train_data_dir)  # a ValueError with file and line before datasets parses it
-        ds = datasets.load_dataset("imagefolder", data_dir=config.train_data_dir, split="train")
+        # datasets keys its table of a folder on file mtimes: the metadata's digest as the config name makes a
+        # metadata file replaced with the same mtime be read again (see lcm_kit.metadata)
+        name = "metadata-" + check_metadata_files(config.train_data_dir)[:16]
+        ds = datasets.load_dataset("imagefolder", name, data_dir=config.train_data_dir, split="train")
     else:
         ds = datasets.load_dataset(config.dataset_name, config.dataset_config_name, split="train")
     return HFSource(ds, config.image_column, config.caption_column)

@@ -10,10 +10,13 @@ holding, for the ``N`` valid samples in source order:
   ``random_flip``; the VAE is not flip-equivariant, so flipped images are encoded too);
 * ``prompt_embeds`` -- ``(N, L, D)`` float32 text-encoder last hidden states of the captions.
 
-The safetensors metadata holds the JSON of the key's inputs and the number of skipped samples. ``<key>`` is a
-hash of the teacher (resolved path, VAE / text-encoder configs and weight file sizes and mtimes), of the data
-(source fingerprint) and of the transform settings, so a different teacher, data set or resolution gets its own
-file.
+The safetensors metadata holds the cache version and the number of skipped samples. ``<key>`` is a hash of
+content, never of sizes or mtimes (a file replaced with the same size and mtime must not reuse stale latents): the
+sha256 of the teacher's VAE / text-encoder / tokenizer files, the source's content digest (``fingerprint()``: every
+image's bytes and caption as read, or the shards' bytes), the data flags and the transform, so a different teacher,
+data set or resolution gets its own file. Version 2 (content keys) replaced version 1 (sizes and mtimes): caches
+written before are rebuilt once. Hashing costs one read of the data per run: 0.15-0.4 s for the 3,608 images of
+the emoji set (15 MB), against about 5 s for ``datasets`` to open that folder.
 """
 
 from __future__ import annotations
@@ -30,19 +33,20 @@ from safetensors import safe_open
 
 from .atomic import save_safetensors
 from .data import DataConfig, HFSource, ImageCaptionDataset, ShardSource, scan_valid
+from .digests import file_sha256
 
 logger = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: keyed on content (1: sizes and mtimes)
 
 
 def _teacher_signature(teacher_dir: str | os.PathLike) -> dict:
-    root = Path(teacher_dir).resolve()
-    sig: dict = {"path": str(root)}
-    for sub in ("vae", "text_encoder", "tokenizer"):
-        for f in sorted((root / sub).glob("*")) if (root / sub).is_dir() else []:
-            st = f.stat()
-            sig[f"{sub}/{f.name}"] = [st.st_size, int(st.st_mtime)]
-    return sig
+    """sha256 of the files the cache is computed with: the VAE, the text encoder and the tokenizer (a hub id, with
+    no local folder to read: the id)."""
+    root = Path(teacher_dir)
+    subs = [root / sub for sub in ("vae", "text_encoder", "tokenizer") if (root / sub).is_dir()]
+    if not subs:
+        return {"teacher": str(teacher_dir)}
+    return {f"{f.parent.name}/{f.name}": file_sha256(f) for sub in subs for f in sorted(sub.glob("*")) if f.is_file()}
 
 
 def cache_path(config: DataConfig, teacher_dir: str | os.PathLike, source: HFSource | ShardSource) -> Path:

@@ -3,7 +3,9 @@
 ``datasets``' imagefolder reads ``metadata.csv`` with pandas and ``metadata.jsonl`` with pyarrow. A caption with an
 unquoted comma makes pandas shift the columns (every image then reads as "unreadable") or fail without naming the
 file, and a malformed JSON line fails in pyarrow without naming the file either. :func:`check_metadata_files` reads
-each metadata file once before ``datasets`` does and raises a ``ValueError`` with the file and line instead.
+each metadata file once before ``datasets`` does and raises a ``ValueError`` with the file and line instead. It also
+returns a digest of their bytes: ``datasets`` keys its own table of an image folder on file mtimes, so the digest
+goes into that key and a metadata file replaced with the same mtime is read again (see ``data.open_source``).
 """
 
 from __future__ import annotations

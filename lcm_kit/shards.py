@@ -9,12 +9,14 @@ shuffles and resume is exact (no shard resampling as in streaming webdataset pip
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import tarfile
 from collections.abc import Sequence
 from typing import Any
 
+from .digests import file_sha256
 from .metadata import caption_text
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -38,7 +40,8 @@ class ShardSource:
         return len(self.samples)
 
     def fingerprint(self) -> str:
-        return json.dumps([(p, os.path.getsize(p), os.path.getmtime(p)) for p in self.shards])
+        """sha256 of the shards' bytes, in order: the content, not sizes or mtimes."""
+        return hashlib.sha256(" ".join(file_sha256(p) for p in self.shards).encode()).hexdigest()
 
     def _read(self, loc: tuple[int, int, int]) -> bytes:
         si, offset, size = loc

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -189,3 +191,49 @@ def test_cache_round_trip(tmp_path, tiny_sd_dir):
     other = DataConfig(**{**cfg.__dict__, "resolution": 32})
     assert cache_path(other, tiny_sd_dir, source) != path
     assert not list((tmp_path / "cache").glob("*.tmp"))
+
+
+def _rewrite_keeping_size_and_mtime(path: Path, data: bytes) -> None:
+    """Replaces a file's bytes; same size and mtime (what rsync -t / tar / cp -p replacements look like)."""
+    st = path.stat()
+    assert len(data) == st.st_size
+    path.write_bytes(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    _rewrite_keeping_size_and_mtime(path, bytes(data))
+
+
+@pytest.mark.parametrize("changed", ["image", "caption", "shard", "teacher"])
+def test_cache_key_follows_content_not_size_and_mtime(tmp_path, tiny_sd_dir, changed):
+    teacher = shutil.copytree(tiny_sd_dir, tmp_path / "teacher")
+    if changed == "shard":
+        cfg = DataConfig(train_shards=make_shards(tmp_path / "shards"), resolution=16, center_crop=True,
+                         cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    else:
+        folder = make_image_folder(tmp_path / "imgs", n=3)
+        _img(0).save(folder / "0.png", compress_level=0)  # uncompressed: another image has the same file size
+        cfg = DataConfig(train_data_dir=str(folder), resolution=16, center_crop=True, cache_dir=str(tmp_path / "c"))
+    before = cache_path(cfg, teacher, open_source(cfg))
+    assert cache_path(cfg, teacher, open_source(cfg)) == before  # stable
+    if changed == "image":
+        buf = io.BytesIO()
+        _img(9).save(buf, format="PNG", compress_level=0)
+        _rewrite_keeping_size_and_mtime(folder / "0.png", buf.getvalue())
+    elif changed == "caption":  # "caption 1" -> "caption 7": same size; datasets keeps its own table (mtime key)
+        meta = folder / "metadata.jsonl"
+        _rewrite_keeping_size_and_mtime(meta, meta.read_bytes().replace(b"caption 1", b"caption 7"))
+    elif changed == "shard":
+        shard = tmp_path / "shards" / "shard-00000.tar"
+        data = shard.read_bytes()
+        start = data.index(b"shard caption 0")
+        _rewrite_keeping_size_and_mtime(shard, data[:start] + b"shard caption X" + data[start + 15 :])
+    else:
+        _flip_last_byte(next((teacher / "vae").glob("*.safetensors")))
+    assert cache_path(cfg, teacher, open_source(cfg)) != before
+    if changed == "caption":  # and the new caption is what training reads, with or without a cache
+        assert sorted(open_source(cfg).raw(i)[1] for i in range(3)) == ["caption 0", "caption 2", "caption 7"]
+
