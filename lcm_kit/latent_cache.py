@@ -17,6 +17,9 @@ image's bytes and caption as read, or the shards' bytes), the data flags and the
 data set or resolution gets its own file. Version 2 (content keys) replaced version 1 (sizes and mtimes): caches
 written before are rebuilt once. Hashing costs one read of the data per run: 0.15-0.4 s for the 3,608 images of
 the emoji set (15 MB), against about 5 s for ``datasets`` to open that folder.
+
+The cache folder is checked to be writable before the data is scanned or encoded. A cache file that cannot be read
+back (truncated, garbled, or missing a tensor) is rebuilt, with a warning that names it.
 """
 
 from __future__ import annotations
@@ -29,9 +32,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from .atomic import save_safetensors
+from .atomic import check_writable, save_safetensors
 from .data import DataConfig, HFSource, ImageCaptionDataset, ShardSource, scan_valid
 from .digests import file_sha256
 
@@ -64,6 +67,22 @@ def load_cache(path: Path) -> tuple[dict[str, torch.Tensor], int]:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     return tensors, int(meta.get("n_skipped", 0))
+
+
+def _load_or_none(path: Path, random_flip: bool) -> tuple[dict[str, torch.Tensor], int] | None:
+    """:func:`load_cache`, or ``None`` (and a warning naming the file) when it is unreadable or incomplete."""
+    needed = ["latent_mean", "latent_std", "prompt_embeds"] + (["latent_mean_flip", "latent_std_flip"] * random_flip)
+    try:
+        tensors, n_skipped = load_cache(path)
+        problem = next((f"no tensor {k!r}" for k in needed if k not in tensors), None)
+        if problem is None and len({tensors[k].shape[0] for k in needed}) != 1:
+            problem = "tensors of different lengths"
+    except (SafetensorError, ValueError) as err:  # truncated or garbled: header, offsets or metadata
+        problem = str(err)
+    if problem is None:
+        return tensors, n_skipped
+    logger.warning("latent cache %s is unreadable (%s); rebuilding it", path, problem)
+    return None
 
 
 @torch.no_grad()
@@ -116,13 +135,14 @@ def cached_latents(
         ``(tensors, number of skipped samples, cache file path)``.
 
     Raises:
-        ValueError: the data set has no valid sample.
+        ValueError: the data set has no valid sample, or the cache has to be written and ``cache_dir`` cannot be.
     """
     path = cache_path(config, teacher_dir, source)
-    if path.exists():
+    loaded = _load_or_none(path, config.random_flip) if path.exists() else None
+    if loaded is not None:
         logger.info("using latent cache %s", path)
-        tensors, n_skipped = load_cache(path)
-        return tensors, n_skipped, path
+        return *loaded, path
+    check_writable(config.cache_dir, "cache_dir")  # before the scan and the encoding, not after
     valid, skipped = scan_valid(source, config.max_train_samples)
     if not valid:
         raise ValueError(f"the training dataset is empty: {len(source)} sample(s), {len(skipped)} unreadable")
