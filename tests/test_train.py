@@ -391,9 +391,18 @@ def test_resume_refuses_changed_flags_unless_allowed(tmp_path, tiny_sd_dir, imag
 def test_resume_with_dropout_needs_the_rng_states(tmp_path, tiny_sd_dir, images):
     main, out = load_script().main, tmp_path / "out"
     main(base_args(tiny_sd_dir, images, out, 2, "--lora_dropout", "0.1"))
-    (out / "checkpoint-2" / "random_states_0.pkl").unlink()
+    resume = base_args(tiny_sd_dir, images, out, 3, "--lora_dropout", "0.1", "--resume_from_checkpoint", "latest")
+    states = out / "checkpoint-2" / "random_states_0.pkl"
+    # corrupt but not empty: accelerate would log "Could not load random states" at INFO and go on, not exact
+    good = states.read_bytes()
+    states.write_bytes(good[: len(good) // 2] + bytes(len(good) - len(good) // 2))
+    with pytest.raises(ValueError, match=r"random_states_0.pkl is corrupt"):
+        main(resume)
+    states.unlink()
     with pytest.raises(ValueError, match=r"random_states_0.pkl is missing or empty"):
-        main(base_args(tiny_sd_dir, images, out, 3, "--lora_dropout", "0.1", "--resume_from_checkpoint", "latest"))
+        main(resume)
+    states.write_bytes(good)  # restored: the resume goes ahead
+    assert main(resume) == 0
 
 
 def test_a_failing_validation_neither_stops_training_nor_loses_weights(tmp_path, tiny_sd_dir, images, monkeypatch):
