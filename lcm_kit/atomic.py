@@ -31,6 +31,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+def check_writable(folder: str | os.PathLike, argument: str = "output_dir") -> None:
+    """Creates ``folder`` and probes it with a file; ``ValueError`` naming ``argument`` if it cannot be written."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        probe = Path(folder) / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"{argument} {str(folder)!r} is not writable: {err}") from err
+
+
 def _umask() -> int:
     mask = os.umask(0)  # reading the umask means setting it; put it straight back
     os.umask(mask)

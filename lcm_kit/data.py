@@ -11,7 +11,10 @@ Three sources, one per option of :class:`DataConfig`, all read as a random-acces
   read by offset in any order: shuffling is the sampler's and resume is exact, unlike streaming shard resampling.
 
 Every image is decoded once before training (:func:`build_dataset` / :func:`scan_valid`): unreadable or corrupt
-ones are skipped, counted and reported, never crash a run; no valid sample at all raises ``ValueError``.
+ones are skipped, counted and reported, never crash a run, and so are rows without a caption (null, no caption key,
+an empty CSV field: never the literal caption ``"None"``); no valid sample at all raises ``ValueError``. A file that
+cannot be read as data at all (a malformed ``metadata.csv`` / ``metadata.jsonl``, a shard that is not a whole tar)
+raises a ``ValueError`` naming it (and the line) before any image is decoded.
 
 Transforms (no torchvision): resize the short side to ``resolution`` (bilinear, as diffusers' scripts), center or
 random crop to a square, optional horizontal flip (p = 0.5), scale to ``[-1, 1]``. Random choices come from a
@@ -37,7 +40,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .digests import rows_sha256
 from .images import to_rgb
+from .metadata import caption_text, check_metadata_files
 from .shards import ShardSource, expand_shards
 
 logger = logging.getLogger(__name__)
@@ -106,14 +111,14 @@ class HFSource:
         return len(self.ds)
 
     def fingerprint(self) -> str:
-        return str(getattr(self.ds, "_fingerprint", len(self.ds)))
+        """sha256 of every row's image bytes and caption, in order: the content, not sizes or mtimes."""
+        image, caption = self.image_column, self.caption_column
+        batches = self.ds.select_columns(list(dict.fromkeys([image, caption]))).iter(batch_size=1024)
+        return rows_sha256(row for b in batches for row in zip(b[image], b[caption], strict=True))
 
-    def raw(self, i: int) -> tuple[Any, str]:
+    def raw(self, i: int) -> tuple[Any, str | None]:
         row = self.ds[int(i)]
-        caption = row[self.caption_column]
-        if isinstance(caption, (list, tuple)):  # several captions per image: the first, deterministically
-            caption = caption[0] if caption else ""
-        return row[self.image_column], str(caption)
+        return row[self.image_column], caption_text(row[self.caption_column])
 
 
 def open_source(config: DataConfig) -> HFSource | ShardSource:
@@ -125,7 +130,10 @@ def open_source(config: DataConfig) -> HFSource | ShardSource:
     import datasets
 
     if config.train_data_dir:
-        ds = datasets.load_dataset("imagefolder", data_dir=config.train_data_dir, split="train")
+        # datasets keys its table of a folder on file mtimes: the metadata's digest as the config name makes a
+        # metadata file replaced with the same mtime be read again (see lcm_kit.metadata)
+        name = "metadata-" + check_metadata_files(config.train_data_dir)[:16]
+        ds = datasets.load_dataset("imagefolder", name, data_dir=config.train_data_dir, split="train")
     else:
         ds = datasets.load_dataset(config.dataset_name, config.dataset_config_name, split="train")
     return HFSource(ds, config.image_column, config.caption_column)

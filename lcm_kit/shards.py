@@ -9,11 +9,15 @@ shuffles and resume is exact (no shard resampling as in streaming webdataset pip
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import tarfile
 from collections.abc import Sequence
 from typing import Any
+
+from .digests import file_sha256
+from .metadata import caption_text
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -26,12 +30,8 @@ class ShardSource:
         self.samples: list[dict[str, tuple[int, int, int]]] = []  # ext -> (shard index, offset, size)
         for si, path in enumerate(self.shards):
             groups: dict[str, dict[str, tuple[int, int, int]]] = {}
-            with tarfile.open(path, "r:") as tar:
-                for m in tar.getmembers():
-                    if not m.isfile():
-                        continue
-                    if "." not in os.path.basename(m.name):
-                        continue
+            for m in _members(path):
+                if m.isfile() and "." in os.path.basename(m.name):
                     key, ext = _split_key(m.name)
                     groups.setdefault(key, {})[ext.lower()] = (si, m.offset_data, m.size)
             self.samples.extend(groups.values())
@@ -40,7 +40,8 @@ class ShardSource:
         return len(self.samples)
 
     def fingerprint(self) -> str:
-        return json.dumps([(p, os.path.getsize(p), os.path.getmtime(p)) for p in self.shards])
+        """sha256 of the shards' bytes, in order: the content, not sizes or mtimes."""
+        return hashlib.sha256(" ".join(file_sha256(p) for p in self.shards).encode()).hexdigest()
 
     def _read(self, loc: tuple[int, int, int]) -> bytes:
         si, offset, size = loc
@@ -53,12 +54,19 @@ class ShardSource:
         img_ext = next((e for e in IMAGE_EXTS if e in sample), None)
         image = {"bytes": self._read(sample[img_ext]), "path": None} if img_ext else None
         if "txt" in sample:
-            return image, self._read(sample["txt"]).decode("utf-8").strip()
-        if "json" in sample:
-            meta = json.loads(self._read(sample["json"]))
-            if self.caption_column in meta:
-                return image, str(meta[self.caption_column])
-        return image, None
+            try:
+                return image, self._read(sample["txt"]).decode("utf-8").strip()
+            except UnicodeDecodeError:  # a corrupt caption: the sample is skipped and counted
+                return image, None
+        return image, caption_text(self._json(sample).get(self.caption_column))
+
+    def _json(self, sample: dict[str, tuple[int, int, int]]) -> dict:
+        """The sample's ``.json`` member; ``{}`` when it has none or it is not a JSON object."""
+        try:
+            meta = json.loads(self._read(sample["json"])) if "json" in sample else {}
+        except ValueError:  # malformed JSON or not UTF-8: no caption, the sample is skipped and counted
+            return {}
+        return meta if isinstance(meta, dict) else {}
 
     def check_columns(self) -> None:
         """Raises ``ValueError`` naming the members found when the first sample has no image or no caption."""
@@ -67,12 +75,27 @@ class ShardSource:
         image, caption = self.raw(0)
         if image is None or caption is None:
             found = sorted(self.samples[0])
-            if "json" in self.samples[0]:
-                found += [f"json.{k}" for k in json.loads(self._read(self.samples[0]["json"]))]
+            found += [f"json.{k}" for k in self._json(self.samples[0])]
             raise ValueError(
                 f"shard samples need an image ({'/'.join(IMAGE_EXTS)}) and a caption (.txt or json key "
                 f"{self.caption_column!r}); available columns in the first sample: {found}"
             )
+
+
+def _members(path: str) -> list[tarfile.TarInfo]:
+    """The shard's tar headers. ``ValueError`` naming the shard if it is not a tar, is cut short (tarfile stops
+    quietly at a header cut in half: the bytes left after the last member must be the end-of-archive zeros)."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            members, end = tar.getmembers(), tar.offset
+    except tarfile.TarError as err:
+        raise ValueError(f"train_shards: {path} is not a readable tar shard ({err}); remove or replace it") from err
+    with open(path, "rb") as f:
+        f.seek(end)
+        if f.read().strip(b"\0"):
+            raise ValueError(f"train_shards: {path} is not a readable tar shard (cut short or garbage after byte "
+                             f"{end}); remove or replace it")  # fmt: skip
+    return members
 
 
 def _split_key(name: str) -> tuple[str, str]:

@@ -144,10 +144,11 @@ def test_resume_is_exact(tmp_path, tiny_sd_dir, images):
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     assert max((a[k] - mid[k]).abs().max().item() for k in a) > 1e-5  # the resumed run did train
-    # a checkpoint written before the default file became the kohya layout (PEFT keys, the old flag in its config)
-    # resumes just as exactly
+    # a checkpoint written before the default file became the kohya layout (PEFT keys, the old flag in its config,
+    # no sha256 manifest: that came later too) resumes just as exactly
     from diffusers import UNet2DConditionModel
 
+    from lcm_kit.digests import MANIFEST_NAME
     from lcm_kit.lora import LORA_WEIGHT_NAME, adapter_state_dict, add_lcm_lora, to_peft
 
     old = tmp_path / "c" / "checkpoint-2"
@@ -159,6 +160,7 @@ def test_resume_is_exact(tmp_path, tiny_sd_dir, images):
     config = json.loads((old / "training_config.json").read_text())
     config["save_kohya"] = config.pop("save_peft_layout")
     (old / "training_config.json").write_text(json.dumps(config))
+    (old / MANIFEST_NAME).unlink()
     main(base_args(tiny_sd_dir, images, tmp_path / "c", 4, *extra, "--resume_from_checkpoint", "latest"))
     c = load_file(tmp_path / "c" / LORA_WEIGHT_NAME)
     assert c.keys() == a.keys() and all(torch.equal(a[k], c[k]) for k in a)
@@ -422,9 +424,18 @@ def test_resume_refuses_changed_flags_unless_allowed(tmp_path, tiny_sd_dir, imag
 def test_resume_with_dropout_needs_the_rng_states(tmp_path, tiny_sd_dir, images):
     main, out = load_script().main, tmp_path / "out"
     main(base_args(tiny_sd_dir, images, out, 2, "--lora_dropout", "0.1"))
-    (out / "checkpoint-2" / "random_states_0.pkl").unlink()
+    resume = base_args(tiny_sd_dir, images, out, 3, "--lora_dropout", "0.1", "--resume_from_checkpoint", "latest")
+    states = out / "checkpoint-2" / "random_states_0.pkl"
+    # corrupt but not empty: accelerate would log "Could not load random states" at INFO and go on, not exact
+    good = states.read_bytes()
+    states.write_bytes(good[: len(good) // 2] + bytes(len(good) - len(good) // 2))
+    with pytest.raises(ValueError, match=r"random_states_0.pkl is corrupt"):
+        main(resume)
+    states.unlink()
     with pytest.raises(ValueError, match=r"random_states_0.pkl is missing or empty"):
-        main(base_args(tiny_sd_dir, images, out, 3, "--lora_dropout", "0.1", "--resume_from_checkpoint", "latest"))
+        main(resume)
+    states.write_bytes(good)  # restored: the resume goes ahead
+    assert main(resume) == 0
 
 
 def test_a_failing_validation_neither_stops_training_nor_loses_weights(tmp_path, tiny_sd_dir, images, monkeypatch):

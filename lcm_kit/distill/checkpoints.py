@@ -7,7 +7,9 @@ duplicated; with ``--lora_ema`` also the EMA adapter) or ``unet/`` + ``unet_targ
 (full mode, the EMA target included), ``training_state.json`` (``global_step``) and ``train_time.json``
 (``train_seconds``: wall time spent in the loop up to this step, summed over resumed runs; what
 ``bench/time_to_quality.py`` reads). A checkpoint is written to ``checkpoint-<step>.tmp`` and renamed when complete,
-so ``--resume_from_checkpoint latest`` never picks a half-written one.
+so ``--resume_from_checkpoint latest`` never picks a half-written one. ``checkpoint_manifest.json`` records the sha256
+of every other file; resume verifies it before anything is loaded, so a corrupt file (accelerate would skip an
+unreadable RNG state with an INFO line, and the run would silently stop being exact) is a ``ValueError`` naming it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import shutil
 from pathlib import Path
 
 from ..atomic import save_safetensors
+from ..digests import verify_manifest, write_manifest
 from ..lora import EMA_ADAPTER, LORA_WEIGHT_NAME, adapter_state_dict, save_lora, to_peft
 from .networks import Networks
 
@@ -100,6 +103,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
         (tmp / "train_time.json").write_text(json.dumps({"train_seconds": round(train_seconds, 3)}))
         if config is not None:
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        write_manifest(tmp)  # last: it covers every file above, all processes' RNG states included
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -132,9 +136,10 @@ def resolve_resume(output_dir: str, resume: str | None) -> Path | None:
 def check_resume(path: Path, config, rank: int, is_main: bool) -> None:
     """Before anything loads: the checkpoint's run must have had the same training flags (else ``ValueError``
     listing them, unless ``--allow_config_change``: then the change is appended to
-    ``training_config_history.jsonl``), and a run that uses the global RNG (LoRA dropout) needs its RNG states.
+    ``training_config_history.jsonl``), every file must match the checkpoint's manifest (``ValueError`` naming the
+    missing or corrupt file), and a run that uses the global RNG (LoRA dropout) needs its RNG states.
     """
-    stored_path = Path(path) / CONFIG_NAME
+    stored_path, changed = Path(path) / CONFIG_NAME, {}
     if stored_path.is_file():
         stored, now = json.loads(stored_path.read_text()), config.resolved()
         changed = {k: [stored.get(k), now.get(k)] for k in sorted(set(stored) | set(now))
@@ -144,11 +149,6 @@ def check_resume(path: Path, config, rank: int, is_main: bool) -> None:
                 f"resuming from {path} with different training flags {changed} (checkpoint, now); pass the "
                 "checkpoint's values, or --allow_config_change to resume anyway (exactness is then lost)"
             )
-        if changed and is_main:
-            logger.warning("resuming from %s with changed flags %s (--allow_config_change)", path, changed)
-            history = Path(config.output.output_dir) / "training_config_history.jsonl"
-            with open(history, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"resumed_from": str(path), "changed": changed}) + "\n")
     else:
         logger.warning("checkpoint %s stores no training config; flags cannot be compared", path)
     states = Path(path) / f"random_states_{rank}.pkl"
@@ -157,6 +157,14 @@ def check_resume(path: Path, config, rank: int, is_main: bool) -> None:
             f"checkpoint file {states} is missing or empty: the RNG state that LoRA dropout draws from cannot be "
             "restored, so the resumed run would not be exact; restore the file or resume from another checkpoint"
         )
+    if not verify_manifest(path):
+        logger.warning("checkpoint %s has no manifest (written by an older version): its files cannot be verified",
+                       path)  # fmt: skip
+    if changed and is_main:  # only once every check has passed: the history lists resumes that happened
+        logger.warning("resuming from %s with changed flags %s (--allow_config_change)", path, changed)
+        history = Path(config.output.output_dir) / "training_config_history.jsonl"
+        with open(history, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"resumed_from": str(path), "changed": changed}) + "\n")
 
 
 def load_checkpoint(accelerator, path: Path) -> tuple[int, float]:

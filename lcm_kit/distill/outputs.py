@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import check_writable as check_writable  # re-exported: the loop checks output_dir here
 from ..contract import SamplingContract
 from ..functional import guidance_scale_from_w
 from ..lora import PEFT_WEIGHT_NAME, save_lora
@@ -39,17 +40,6 @@ def sampling_columns(sampling: SamplingContract) -> list[dict]:
     if sampling.timesteps is not None:
         return [{"timesteps": list(sampling.timesteps)}]
     return [{"num_inference_steps": n} for n in (1, 2, 4)]
-
-
-def check_writable(output_dir: str) -> None:
-    """Creates ``output_dir`` and probes it with a file; ``ValueError`` if it cannot be written."""
-    try:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        probe = Path(output_dir) / ".write_probe"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(f"output_dir {output_dir!r} is not writable: {err}") from err
 
 
 def write_config(config: RunConfig) -> Path:
