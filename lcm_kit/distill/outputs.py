@@ -85,7 +85,7 @@ base_model: {teacher}
 
 Distilled with `lcm_kit` (`train/distill_lora.py --mode {mode} --objective {objective}`) from the teacher
 `{teacher}`: {steps} optimizer steps, batch {batch} x {accum} accumulation x {procs} process(es), lr {lr},
-w ~ U[{w_min}, {w_max}] (LCM convention, w = guidance_scale - 1), {ddim} DDIM solver steps, {loss} loss{extra}.
+{recipe}, {loss} loss{extra}.
 The resolved training config is `training_config.json`.
 
 Sampling contract (what it was trained for): {contract}. Sample it with `LCMKitScheduler` set to {sampler}.
@@ -142,11 +142,18 @@ def write_model_card(config: RunConfig, sampling: SamplingContract, steps: int, 
     usage = (LORA_USAGE if lora else FULL_USAGE).format(teacher=m.pretrained_teacher_model, steps=call,
                                                        out=config.output.output_dir, stock_kwargs=stock_kwargs,
                                                        **stock)  # fmt: skip
+    if o.objective == "ct":
+        recipe = (f"consistency training without a teacher UNet ({o.ct_schedule} curriculum over {o.ct_total_steps} "
+                  f"steps, caption dropout {o.caption_dropout_p}; the teacher gave the VAE, text encoder, noise "
+                  f"schedule{'' if m.init == 'random' else ' and the initial weights'})")  # fmt: skip
+    else:
+        recipe = (f"w ~ U[{o.w_min}, {o.w_max}] (LCM convention, w = guidance_scale - 1), {o.num_ddim_timesteps} DDIM "
+                  "solver steps")  # fmt: skip
     text = MODEL_CARD.format(
         tag="lora" if lora else "full", title="LCM-LoRA" if lora else "Latent Consistency Model", mode=m.mode,
         objective=o.objective, teacher=m.pretrained_teacher_model, steps=steps, batch=opt.train_batch_size,
-        accum=opt.gradient_accumulation_steps, procs=procs, lr=opt.learning_rate, w_min=o.w_min, w_max=o.w_max,
-        ddim=o.num_ddim_timesteps, loss=o.loss_type, extra=extra, sampler=f"`{kwargs}`", usage=usage,
+        accum=opt.gradient_accumulation_steps, procs=procs, lr=opt.learning_rate, recipe=recipe, loss=o.loss_type,
+        extra=extra, sampler=f"`{kwargs}`", usage=usage,
         contract=contract,
     )  # fmt: skip
     path = Path(config.output.output_dir) / "README.md"
