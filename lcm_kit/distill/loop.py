@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..functional import drop_condition
 from ..latent_cache import encode_prompts
+from ..lora import adapter_mode
 from ..loss import DistillLossOutput
 from . import checkpoints as ckpts
 from . import outputs
@@ -177,8 +179,9 @@ def log_validation(accelerator, state: TrainState, step: int) -> Path:
     unet = state.nets.sampling_unet(accelerator.unwrap_model(state.nets.student))
     contract = state.objective.sampling()
     scheduler, columns = outputs.student_scheduler(state.teacher, contract), outputs.sampling_columns(contract)
-    grid = outputs.validation_grid(unet, state.teacher, scheduler, cfg.output.prompts, cfg.optim.seed,
-                                   accelerator.autocast, columns)  # fmt: skip
+    with adapter_mode(unet, state.nets.sampling_adapter) if state.nets.sample_ema_adapter else nullcontext():
+        grid = outputs.validation_grid(unet, state.teacher, scheduler, cfg.output.prompts, cfg.optim.seed,
+                                       accelerator.autocast, columns)  # fmt: skip
     path = Path(cfg.output.output_dir) / "validation" / f"step-{step}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)

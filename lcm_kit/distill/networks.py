@@ -128,6 +128,7 @@ class Networks:
     w_dim: int | None  # width of the student's guidance embedding (full mode), None for LoRA
     weight_dtype: torch.dtype  # dtype of the frozen weights
     ema_pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] | None = None  # lora_ema: (ema, online) params
+    sample_ema_adapter: bool = False  # lora_ema for an objective without a target (ct): the EMA adapter is sampled
 
     def ema_update_pairs(self, student: torch.nn.Module) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
         """``(target, source)`` parameter pairs of the EMA update (empty when the target is the student itself)."""
@@ -138,6 +139,11 @@ class Networks:
     def sampling_unet(self, base: torch.nn.Module) -> torch.nn.Module:
         """The UNet that is saved and validated: the EMA target (full), or the adapted UNet ``base`` (LoRA)."""
         return self.target if self.target is not None else base
+
+    @property
+    def sampling_adapter(self) -> str:
+        """The LoRA adapter that is saved and validated: the EMA copy (``sample_ema_adapter``) or the trained one."""
+        return EMA_ADAPTER if self.sample_ema_adapter else "default"
 
     def callables(self, base: torch.nn.Module, embeds: torch.Tensor, uncond: torch.Tensor) -> ModelFns:
         """:class:`ModelFns` for text ``embeds (B,L,D)``; ``base`` is the unwrapped student (no DDP for no-grad)."""
@@ -202,7 +208,7 @@ def build_networks(config: ModelConfig, teacher: Teacher, weight_dtype: torch.dt
         pairs = add_ema_adapter(unet) if config.lora_ema else None
         unet.train()
         params = [p for p in unet.parameters() if p.requires_grad]
-        return Networks(unet, None, None, params, None, weight_dtype, pairs)
+        return Networks(unet, None, None, params, None, weight_dtype, pairs, bool(pairs) and not guided)
     student = full_student_from(unet, config, guided)
     target = copy.deepcopy(student).requires_grad_(False).eval()  # EMA target, fp32 like the student
     frozen = unet.requires_grad_(False).eval().to(dtype=weight_dtype)

@@ -60,11 +60,13 @@ def write_config(config: RunConfig) -> Path:
 
 def save_final(nets: Networks, student: torch.nn.Module, teacher: Teacher, contract: SamplingContract,
                output_dir: str, save_kohya: bool) -> list[Path]:  # fmt: skip
-    """LoRA: ``pytorch_lora_weights.safetensors`` (+ kohya), the sampling contract in their metadata. Full: an
+    """LoRA: ``pytorch_lora_weights.safetensors`` (+ kohya) of :attr:`Networks.sampling_adapter`, the sampling
+    contract in their metadata. Full: an
     ``LCMPipeline`` folder with the EMA UNet and :func:`student_scheduler` (contract in its config; ``unet_online/``
     holds the online student). ``student`` is the unwrapped student."""
     if nets.target is None:
-        return save_lora(student, output_dir, kohya=save_kohya, metadata=contract.as_metadata())
+        return save_lora(student, output_dir, kohya=save_kohya, metadata=contract.as_metadata(),
+                         adapter_name=nets.sampling_adapter)  # fmt: skip
     from ..pipeline import LCMPipeline
 
     pipe = LCMPipeline(  # training is over: the text encoder goes back to fp32 (it ran in the mixed dtype)

@@ -50,6 +50,7 @@ def save_lora(
     weight_name: str = LORA_WEIGHT_NAME,
     dtype: torch.dtype | None = None,
     metadata: dict[str, str] | None = None,
+    adapter_name: str = "default",
 ) -> list[Path]:
     """Saves the adapter as safetensors that ``pipe.load_lora_weights(output_dir)`` of stock diffusers loads.
 
@@ -60,12 +61,13 @@ def save_lora(
         weight_name: File name of the diffusers-format file.
         dtype: Cast the tensors to this dtype (e.g. ``torch.float16``); default: keep (fp32).
         metadata: Extra safetensors metadata for both files (e.g. the sampling contract, :mod:`lcm_kit.contract`).
+        adapter_name: The adapter to save (default: the trained one; the distiller's EMA copy is ``"ema"``).
 
     Returns:
         The paths written, the diffusers-format file first.
     """
     rank, alpha, targets = _rank_alpha_targets(unet)
-    state = lora_state_dict(unet)
+    state = lora_state_dict(unet, adapter_name)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     out = Path(output_dir)
