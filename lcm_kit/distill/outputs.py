@@ -123,6 +123,17 @@ Stock diffusers loads it as `LatentConsistencyModelPipeline.from_pretrained("{ou
 student with a gamma, `TCDScheduler.from_config(pipe.scheduler.config)` with `eta` = gamma (our sampler equals it)."""
 
 
+def _recipe(config: RunConfig) -> str:
+    """The model card's words for what the student learnt from: the guided teacher's ODE, or data alone (ct)."""
+    o = config.objective
+    if o.objective != "ct":
+        return (f"w ~ U[{o.w_min}, {o.w_max}] (LCM convention, w = guidance_scale - 1), {o.num_ddim_timesteps} DDIM "
+                "solver steps")  # fmt: skip
+    init = "" if config.model.init == "random" else " and the initial weights"
+    return (f"consistency training without a teacher UNet ({o.ct_schedule} curriculum over {o.ct_total_steps} steps, "
+            f"caption dropout {o.caption_dropout_p}; the teacher gave the VAE, text encoder, noise schedule{init})")
+
+
 def write_model_card(config: RunConfig, sampling: SamplingContract, steps: int, procs: int) -> Path:
     """A short ``README.md``: teacher, settings, the sampling contract, how to load the result."""
     m, o, opt = config.model, config.objective, config.optim
@@ -144,19 +155,11 @@ def write_model_card(config: RunConfig, sampling: SamplingContract, steps: int, 
     usage = (LORA_USAGE if lora else FULL_USAGE).format(teacher=m.pretrained_teacher_model, steps=call,
                                                        out=config.output.output_dir, stock_kwargs=stock_kwargs,
                                                        **stock)  # fmt: skip
-    if o.objective == "ct":
-        recipe = (f"consistency training without a teacher UNet ({o.ct_schedule} curriculum over {o.ct_total_steps} "
-                  f"steps, caption dropout {o.caption_dropout_p}; the teacher gave the VAE, text encoder, noise "
-                  f"schedule{'' if m.init == 'random' else ' and the initial weights'})")  # fmt: skip
-    else:
-        recipe = (f"w ~ U[{o.w_min}, {o.w_max}] (LCM convention, w = guidance_scale - 1), {o.num_ddim_timesteps} DDIM "
-                  "solver steps")  # fmt: skip
     text = MODEL_CARD.format(
         tag="lora" if lora else "full", title="LCM-LoRA" if lora else "Latent Consistency Model", mode=m.mode,
         objective=o.objective, teacher=m.pretrained_teacher_model, steps=steps, batch=opt.train_batch_size,
-        accum=opt.gradient_accumulation_steps, procs=procs, lr=opt.learning_rate, recipe=recipe, loss=o.loss_type,
-        extra=extra, sampler=f"`{kwargs}`", usage=usage,
-        contract=contract,
+        accum=opt.gradient_accumulation_steps, procs=procs, lr=opt.learning_rate, recipe=_recipe(config),
+        loss=o.loss_type, extra=extra, sampler=f"`{kwargs}`", usage=usage, contract=contract,
     )  # fmt: skip
     path = Path(config.output.output_dir) / "README.md"
     path.write_text(text)
