@@ -13,10 +13,10 @@ from test_train import _one_thread_fresh_accelerate, base_args, images, load_scr
 
 
 def test_ct_lora_trains_and_carries_its_sampling_contract(tmp_path, tiny_sd_dir, images):  # noqa: F811
-    from diffusers import StableDiffusionPipeline
     from PIL import Image
 
     from lcm_kit.contract import read_lora_contract
+    from lcm_kit.pipeline import LCMPipeline
 
     out = tmp_path / "out"
     argv = base_args(tiny_sd_dir, images, out, 2, "--objective", "ct", "--validation_steps", "2",
@@ -31,16 +31,13 @@ def test_ct_lora_trains_and_carries_its_sampling_contract(tmp_path, tiny_sd_dir,
     assert "consistency training without a teacher UNet" in card and "caption dropout 0.1" in card
     assert Image.open(out / "validation" / "step-2.png").size == (3 * 16, 16)
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
+    pipe = LCMPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
-
-    def sample():
-        return pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
-                    output_type="np").images  # fmt: skip
-
-    before = sample()
-    pipe.load_lora_weights(out)
-    assert not np.allclose(before, sample(), atol=1e-6)  # the trained adapter changes the samples
+    plain = pipe("a red circle", guidance_scale=2.0, generator=torch.Generator().manual_seed(0), output_type="np")
+    pipe.load_lora_weights(out)  # applies the contract: 2 LCM steps; CFG (guidance_scale 2) on the plain UNet
+    assert pipe.scheduler.config.sampling_contract["objective"] == "ct"
+    image = pipe("a red circle", guidance_scale=2.0, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert np.isfinite(image.images).all() and not np.allclose(plain.images, image.images, atol=1e-6)
 
 
 def test_ct_full_from_scratch_is_a_plain_unet_sampled_with_cfg(tmp_path, tiny_sd_dir, images):  # noqa: F811
