@@ -244,3 +244,23 @@ def test_random_init_needs_full_mode(tiny_sd_dir):
     with pytest.raises(ValueError, match="init 'random' needs --mode full"):
         ModelConfig(pretrained_teacher_model=str(tiny_sd_dir), init="random")
     assert ModelConfig(pretrained_teacher_model=str(tiny_sd_dir), init="random", mode="full").init == "random"
+
+
+def test_optional_denoising_loss_applies_below_its_noise_level():
+    # Dao et al.'s extra diffusion loss: ct_diffusion_weight * ||f(x_hi) - x0||^2 (mean over elements) on the
+    # samples with sigma_hi <= ct_diffusion_max_sigma, added to the per-sample consistency loss.
+    x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7))
+
+    def student(z, t, w):
+        return 0.5 * z
+
+    fns = ModelFns(student, raises, raises)
+    plain = make_objective(config(), TABLE)(fns, x0, torch.Generator().manual_seed(8), 300)
+    extra = make_objective(config(ct_diffusion_weight=2.0, ct_diffusion_max_sigma=1.0), TABLE)(
+        fns, x0, torch.Generator().manual_seed(8), 300
+    )
+    p = ct_points(SHAPE[0], TABLE, config(), 300, torch.Generator().manual_seed(8))
+    early = (p.sigma_hi <= 1.0).float()
+    assert 0 < early.sum() < SHAPE[0]  # the draw has samples on both sides of the threshold
+    mse = (plain.denoised - x0).flatten(1).pow(2).mean(1)
+    torch.testing.assert_close(extra.loss_per_sample - plain.loss_per_sample, 2.0 * early * mse)
