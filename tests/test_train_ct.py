@@ -29,6 +29,7 @@ def test_ct_lora_trains_and_carries_its_sampling_contract(tmp_path, tiny_sd_dir,
     assert read_lora_contract(out / "pytorch_lora_weights_kohya.safetensors") == contract
     card = (out / "README.md").read_text()
     assert "consistency training without a teacher UNet" in card and "caption dropout 0.1" in card
+    assert "guidance_scale > 1 adds CFG" in card and "guidance is distilled in" not in card
     assert Image.open(out / "validation" / "step-2.png").size == (3 * 16, 16)
 
     pipe = LCMPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
@@ -53,6 +54,7 @@ def test_ct_full_from_scratch_is_a_plain_unet_sampled_with_cfg(tmp_path, tiny_sd
     pipe.set_progress_bar_config(disable=True)
     assert pipe.unet.config.time_cond_proj_dim is None  # no w-embedding: CFG comes from caption dropout
     assert pipe.scheduler.config.sampling_contract["objective"] == "ct"
+    assert 'guidance_scale=1.0' in (out / "README.md").read_text()  # not the w range of a guided student (11)
     teacher = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet")
     w_student, w_teacher = pipe.unet.conv_in.weight, teacher.conv_in.weight
     assert (w_student - w_teacher).abs().max() > 0.05  # random init, not the teacher's weights

@@ -11,8 +11,8 @@ choice of ``--objective`` (:class:`lcm_kit.distill.config.ObjectiveConfig`).
 ``ct`` is the odd one out: consistency training from data alone (:mod:`lcm_kit.consistency_training`), no teacher
 UNet and no guidance ``w`` (its student is a plain UNet that learns the unconditional model by caption dropout).
 
-All three share the teacher side (LCM Algorithm 1): ``z = z_{t_{n+k}}`` on the skipping-step grid and the
-teacher's guided DDIM step to ``z_hat_{t_n}``. They differ in where the student's output lands:
+``lcm``, ``pcm`` and ``tcd`` share the teacher side (LCM Algorithm 1): ``z = z_{t_{n+k}}`` on the skipping-step
+grid and the teacher's guided DDIM step to ``z_hat_{t_n}``. They differ in where the student's output lands:
 
 * ``lcm`` -- at 0, through the boundary scalings ``c_skip z + c_out x0`` (LCM arXiv 2310.04378, Eq. 9-10);
 * ``pcm`` -- at the lower edge ``s_m`` of the phase holding ``t_{n+k}``, by a DDIM jump with the model's own

@@ -101,7 +101,7 @@ LORA_USAGE = """lcm_kit applies the sampling contract stored in the file when th
 from lcm_kit import LCMPipeline
 pipe = LCMPipeline.from_pretrained("{teacher}")
 pipe.load_lora_weights("{out}")
-image = pipe("a photo of a cat").images[0]  # {steps}, no CFG (the guidance is distilled in)
+image = pipe("a photo of a cat").images[0]  # {steps}, {cfg_note}
 ```
 Stock diffusers (an LCM-LoRA has no guidance embedding: guidance_scale 1-2):
 ```python
@@ -147,8 +147,12 @@ def write_model_card(config: RunConfig, sampling: SamplingContract, steps: int, 
     stock_kwargs = ", ".join(f"{k}={sampler[k]!r}" for k in ("original_inference_steps", "timestep_scaling"))
     gamma = sampler["gamma"]
     w_mid = (o.w_min + o.w_max) / 2
+    guided = sampling.w_range is not None  # else (ct) a plain UNet trained with caption dropout: CFG is available
     stock = {"stock_scheduler": "LCMScheduler" if gamma is None else "TCDScheduler",
-             "stock_eta": "" if gamma is None else f", eta={gamma}", "guidance": f"{guidance_scale_from_w(w_mid):g}"}
+             "stock_eta": "" if gamma is None else f", eta={gamma}",
+             "guidance": f"{guidance_scale_from_w(w_mid):g}" if guided else "1.0",
+             "cfg_note": "no CFG (the guidance is distilled in)" if guided else
+             "guidance_scale > 1 adds CFG (trained with caption dropout)"}  # fmt: skip
     call = (f"timesteps={list(sampling.timesteps)}" if sampling.timesteps is not None
             else f"num_inference_steps={sampling.num_inference_steps}")  # fmt: skip
     contract = f"objective `{sampling.objective}`, {call}, gamma {sampler['gamma']}"
