@@ -29,11 +29,12 @@ class SamplingContract:
     """How a distilled student samples.
 
     Attributes:
-        objective: ``"lcm"``, ``"pcm"`` or ``"tcd"``.
+        objective: ``"lcm"``, ``"pcm"``, ``"tcd"`` or ``"ct"``.
         num_inference_steps: Default number of steps.
         timesteps: A fixed descending schedule (phased students), or ``None`` (any number of steps).
         scheduler: ``LCMKitScheduler`` config values (keys in :data:`SCHEDULER_KEYS`).
-        w_range: ``(w_min, w_max)`` guidance it was distilled for, LCM convention (``guidance_scale - 1``).
+        w_range: ``(w_min, w_max)`` guidance it was distilled for, LCM convention (``guidance_scale - 1``);
+            ``None`` for a student trained without a guided teacher (``ct``: sample it with CFG).
     """
 
     objective: str

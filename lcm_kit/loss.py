@@ -16,7 +16,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -44,6 +44,7 @@ LOSS_TYPES = ("huber", "l2")
 class DistillLossConfig:
     """Hyper-parameters of latent consistency distillation (LCM Algorithm 1)."""
 
+    LOSS_TYPES: ClassVar[tuple[str, ...]] = LOSS_TYPES  # the loss_type values a config of this class accepts
     num_ddim_timesteps: int = field(
         default=50,
         metadata={
@@ -89,8 +90,8 @@ class DistillLossConfig:
             raise ValueError(f"w_min must be >= 0 (LCM convention, w = guidance_scale - 1), got {self.w_min}")
         if self.w_min > self.w_max:
             raise ValueError(f"w_min ({self.w_min}) must be <= w_max ({self.w_max})")
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.loss_type not in self.LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {self.LOSS_TYPES}, got {self.loss_type!r}")
         if not self.huber_c > 0:
             raise ValueError(f"huber_c must be > 0, got {self.huber_c}")
         if not self.timestep_scaling > 0:

@@ -194,3 +194,53 @@ def strength_cut(timesteps: np.ndarray, strength: float) -> np.ndarray:
     n = len(timesteps)
     keep = min(int(n * strength), n)
     return timesteps[n - keep :]
+
+
+# --- Consistency training (no teacher): the noise levels of the VE view of the teacher's VP schedule ---------------
+
+
+def vp_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """``sigma_t = sqrt(1 - alphas_cumprod[t]) / sqrt(alphas_cumprod[t])``, float64 ``(num_train_timesteps,)``.
+
+    The VE noise level of the VP/DDPM schedule: ``z_t = alpha_t (x0 + sigma_t eps)`` (EDM, Karras et al. 2022,
+    arXiv:2206.00364, Table 1, VP column with ``s(t) = alpha_t``). Increasing in ``t``; its first and last entries are
+    the range consistency training samples in (not EDM's ``[0.002, 80]``).
+    """
+    ac = alphas_cumprod.double()
+    return ((1 - ac) / ac).sqrt()
+
+
+def sigma_to_timestep(sigma: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The fractional DDPM timestep of each VE noise level ``sigma``: ``log sigma`` interpolated linearly between the
+    integer timesteps of :func:`vp_sigmas` (as k-diffusion's discrete-schedule wrappers), clipped to
+    ``[0, num_train_timesteps - 1]``. Integer-timestep sigmas map back to their integer exactly. Float64, shape of
+    ``sigma``."""
+    table = vp_sigmas(alphas_cumprod).to(sigma.device).log()
+    log_sigma = sigma.double().log().clamp(table[0], table[-1])
+    idx = torch.searchsorted(table, log_sigma).clamp(1, len(table) - 1)
+    lo, hi = table[idx - 1], table[idx]
+    return (idx - 1).double() + (log_sigma - lo) / (hi - lo)
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """The ``n`` noise levels ``sigma_i = (s_min^(1/rho) + (i-1)/(n-1) (s_max^(1/rho) - s_min^(1/rho)))^rho``,
+    ``i = 1..n``, ``s_min = sigma_min``, ``s_max = sigma_max``, ascending,
+    float64 (EDM Eq. 5, the discretisation of CM, Song et al. 2023, Sec. 5, and of iCT)."""
+    if n < 2:
+        raise ValueError(f"the discretisation needs n >= 2 noise levels, got {n}")
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (lo + ramp * (hi - lo)) ** rho
+
+
+def ict_doubling_interval(total_steps: int, s0: int = 10, s1: int = 1280) -> int:
+    """iCT's ``K' = floor(K / (log2 floor(s1 / s0) + 1))``: the steps between two doublings of the discretisation
+    (Song & Dhariwal 2023, arXiv:2310.14189, Sec. 3.4, "improved curriculum"); at least 1."""
+    return max(1, math.floor(total_steps / (math.log2(s1 // s0) + 1)))
+
+
+def ict_num_noise_levels(step: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
+    """iCT's exponential curriculum ``N(k) = min(s0 * 2^floor(k / K'), s1) + 1`` (arXiv:2310.14189, Sec. 3.4): the
+    number of noise levels at global optimizer step ``k`` of ``K = total_steps``. A pure function of the global step,
+    so every rank (and a resumed run) uses the same discretisation. ``N(0) = s0 + 1``; capped at ``s1 + 1``."""
+    return min(s0 * 2 ** (step // ict_doubling_interval(total_steps, s0, s1)), s1) + 1

@@ -19,10 +19,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from transformers import HfArgumentParser
 
+from ..consistency_training import ConsistencyTrainingConfig
 from ..data import DataConfig
 from ..loss import DistillLossConfig
 from ..schedules import check_num_phases
@@ -57,6 +58,11 @@ class ModelConfig:
                   "the student itself (diffusers' LCM-LoRA scripts)."},
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for UNet memory."})
+    init: Literal["teacher", "random"] = field(
+        default="teacher",
+        metadata={"help": "full: the student starts as the teacher's UNet (teacher) or from random weights (random, "
+                  "training from scratch, e.g. --objective ct); lora needs the teacher's weights."},
+    )  # fmt: skip
 
     def __post_init__(self):
         p = self.pretrained_teacher_model
@@ -66,6 +72,9 @@ class ModelConfig:
         _need(self.lora_rank > 0, f"lora_rank must be > 0, got {self.lora_rank}")
         _need(self.time_cond_proj_dim > 0, f"time_cond_proj_dim must be > 0, got {self.time_cond_proj_dim}")
         _need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        _need(self.init in ("teacher", "random"), f"init must be 'teacher' or 'random', got {self.init!r}")
+        _need(self.init == "teacher" or self.mode == "full",
+              "init 'random' needs --mode full (a LoRA trains on top of the teacher's weights)")  # fmt: skip
 
     @property
     def lora_scale_alpha(self) -> float:
@@ -74,19 +83,27 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class ObjectiveConfig(DistillLossConfig):
+class ObjectiveConfig(ConsistencyTrainingConfig, DistillLossConfig):
     """The training objective and its hyper-parameters (see :mod:`lcm_kit.distill.objectives`)."""
 
     _argument_group_name = "objective"
+    LOSS_TYPES: ClassVar[tuple[str, ...]] = ("huber", "l2", "cauchy")
 
-    objective: Literal["lcm", "pcm", "tcd"] = field(
+    objective: Literal["lcm", "pcm", "tcd", "ct"] = field(
         default="lcm",
         metadata={
             "help": "lcm: latent consistency distillation (arXiv 2310.04378); pcm: phased consistency distillation "
             "(arXiv 2405.18407, --num_phases, deterministic sampling on the phase edges); tcd: trajectory "
-            "consistency distillation (arXiv 2402.19159, jumps of any length, sample with gamma)."
+            "consistency distillation (arXiv 2402.19159, jumps of any length, sample with gamma); ct: consistency "
+            "training from data alone, no teacher UNet (iCT arXiv 2310.14189 / ECT arXiv 2406.14548, --ct_*)."
         },
     )
+    loss_type: Literal["huber", "l2", "cauchy"] = field(
+        default="huber",
+        metadata={"help": "'huber': pseudo-Huber sqrt(d^2 + c^2) - c, per element with --huber_c (lcm / pcm / tcd), "
+                  "over the whole sample with c = 0.00054 sqrt(dim) (ct, iCT); 'l2': mean squared error; 'cauchy' "
+                  "(ct only): log(1 + ||d||^2 / (2 c^2)) over the whole sample (arXiv 2502.01441)."},
+    )  # fmt: skip
     num_phases: int = field(
         default=4, metadata={"help": "pcm: phases M of the trajectory; the student samples in exactly M steps."}
     )
@@ -101,6 +118,15 @@ class ObjectiveConfig(DistillLossConfig):
         if self.sampling_gamma is not None and not 0.0 <= self.sampling_gamma <= 1.0:
             raise ValueError(f"sampling_gamma must be in [0, 1], got {self.sampling_gamma}")
         check_num_phases(self.num_phases, self.num_ddim_timesteps)
+        _need(self.loss_type != "cauchy" or self.objective == "ct",
+              f"loss_type 'cauchy' is a consistency-training loss (--objective ct), got objective {self.objective!r}")
+
+    @property
+    def caption_dropout_p(self) -> float:
+        """``caption_dropout``, or the objective's default (ct: 0.1 so the student learns CFG; the others 0)."""
+        if self.caption_dropout is not None:
+            return self.caption_dropout
+        return 0.1 if self.objective == "ct" else 0.0
 
 
 @dataclass(frozen=True)
@@ -200,6 +226,12 @@ class RunConfig:
         return {k: v for part in (self.model, self.data, self.objective, self.optim, self.output)
                 for k, v in asdict(part).items()}  # fmt: skip
 
+    def with_curriculum_length(self) -> RunConfig:
+        """``ct``: ``ct_total_steps`` resolved to ``max_train_steps`` when unset (recorded, so a resume checks it)."""
+        if self.objective.objective != "ct" or self.objective.ct_total_steps is not None:
+            return self
+        return replace(self, objective=replace(self.objective, ct_total_steps=self.optim.max_train_steps))
+
     def with_prediction_type(self, prediction_type: str) -> RunConfig:
         """The same config with the teacher's parameterisation in the objective."""
         return replace(self, objective=replace(self.objective, prediction_type=prediction_type))
@@ -238,4 +270,4 @@ def parse_config(argv: Sequence[str] | None = None, description: str | None = No
         raise ValueError(f"{retired[0]} is gone: {_RETIRED[retired[0]]}")
     if unknown:
         raise ValueError(f"unknown argument(s) {unknown}; `python train/distill_lora.py --help` lists the flags")
-    return RunConfig(*parts)
+    return RunConfig(*parts).with_curriculum_length()

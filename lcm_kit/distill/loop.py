@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..functional import drop_condition
 from ..latent_cache import encode_prompts
+from ..lora import adapter_mode
 from ..loss import DistillLossOutput
 from . import checkpoints as ckpts
 from . import outputs
@@ -61,14 +64,14 @@ def setup(config: RunConfig, accelerator) -> TrainState:
         raise ValueError(f"cannot load the teacher {m.pretrained_teacher_model!r}: {err}") from err
     config = config.with_prediction_type(teacher.prediction_type)
     loader, n_data, skipped = build_data(config, teacher, accelerator)
-    nets = build_networks(m, teacher, weight_dtype)
+    objective = make_objective(config.objective, teacher.alphas_cumprod)
+    nets = build_networks(m, teacher, weight_dtype, objective.guided)
     if m.gradient_checkpointing:
         nets.student.enable_gradient_checkpointing()
     opt, sched = make_optimizer(config.optim, nets.params)
     nets.student, opt, loader, sched = accelerator.prepare(nets.student, opt, loader, sched)
     ckpts.register_hooks(accelerator, nets)
     uncond = encode_prompts(teacher.tokenizer, teacher.text_encoder, [""])
-    objective = make_objective(config.objective, teacher.alphas_cumprod)
     return TrainState(config, teacher, nets, objective, loader, opt, sched, uncond, n_data, skipped)
 
 
@@ -79,11 +82,16 @@ def step_generator(seed: int, rank: int, micro_step: int) -> torch.Generator:
 
 
 def batch_loss(state: TrainState, base: torch.nn.Module, batch: dict, generator: torch.Generator,
-               data_scale: float = 1.0) -> DistillLossOutput:  # fmt: skip
-    """The objective on one micro-batch (``data_scale`` multiplies the latents: a test hook for non-finite data)."""
+               data_scale: float = 1.0, step: int = 0) -> DistillLossOutput:  # fmt: skip
+    """The objective on one micro-batch at global optimizer step ``step`` (``data_scale`` multiplies the latents: a
+    test hook for non-finite data). Draws: the VAE sample, the caption dropout (if any), then the objective's."""
     latents, embeds = state.teacher.latents_and_embeds(batch, generator)
+    p_drop = state.config.objective.caption_dropout_p
+    if p_drop > 0:
+        drop = torch.rand(embeds.shape[0], generator=generator, dtype=torch.float64) < p_drop
+        embeds = drop_condition(embeds, state.uncond, drop)
     fns = state.nets.callables(base, embeds, state.uncond)
-    return state.objective(fns, latents * data_scale, generator)
+    return state.objective(fns, latents * data_scale, generator, step)
 
 
 def _check_finite(accelerator, loss: torch.Tensor, step: int, output_dir: str) -> None:
@@ -104,7 +112,7 @@ def _micro_step(accelerator, state: TrainState, micro: int, step: int, batch) ->
         gen = step_generator(cfg.optim.seed, accelerator.process_index, micro)
         scale = float("inf") if cfg.output.debug_nan_at_step == step + 1 else 1.0
         with accelerator.autocast():
-            out = batch_loss(state, accelerator.unwrap_model(nets.student), batch, gen, scale)
+            out = batch_loss(state, accelerator.unwrap_model(nets.student), batch, gen, scale, step)
         _check_finite(accelerator, out.loss, step + 1, cfg.output.output_dir)
         accelerator.backward(out.loss)
         if accelerator.sync_gradients:
@@ -171,8 +179,9 @@ def log_validation(accelerator, state: TrainState, step: int) -> Path:
     unet = state.nets.sampling_unet(accelerator.unwrap_model(state.nets.student))
     contract = state.objective.sampling()
     scheduler, columns = outputs.student_scheduler(state.teacher, contract), outputs.sampling_columns(contract)
-    grid = outputs.validation_grid(unet, state.teacher, scheduler, cfg.output.prompts, cfg.optim.seed,
-                                   accelerator.autocast, columns)  # fmt: skip
+    with adapter_mode(unet, state.nets.sampling_adapter) if state.nets.sample_ema_adapter else nullcontext():
+        grid = outputs.validation_grid(unet, state.teacher, scheduler, cfg.output.prompts, cfg.optim.seed,
+                                       accelerator.autocast, columns)  # fmt: skip
     path = Path(cfg.output.output_dir) / "validation" / f"step-{step}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)

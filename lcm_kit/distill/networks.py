@@ -6,7 +6,9 @@
   it is a second adapter on the same UNet that follows the trained one as an EMA (:func:`lcm_kit.lora.adapter_mode`).
 * ``full`` -- a student UNet with a guidance-scale embedding (``time_cond_proj_dim``) initialised from the teacher
   (the new ``time_embedding.cond_proj`` is zero, so the student starts equal to the teacher), a frozen teacher
-  UNet, and an EMA copy of the student as the target network (LCM paper, Algorithm 1).
+  UNet, and an EMA copy of the student as the target network (LCM paper, Algorithm 1). For an objective that is not
+  ``guided`` (``ct``) the student is a plain copy of the teacher's UNet (no w-embedding) and the EMA copy is only
+  what is sampled and saved. ``--init random`` re-initialises the student (training from scratch).
 
 :meth:`Networks.callables` turns them into the three plain functions an objective calls (:class:`ModelFns`).
 """
@@ -126,6 +128,7 @@ class Networks:
     w_dim: int | None  # width of the student's guidance embedding (full mode), None for LoRA
     weight_dtype: torch.dtype  # dtype of the frozen weights
     ema_pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] | None = None  # lora_ema: (ema, online) params
+    sample_ema_adapter: bool = False  # lora_ema for an objective without a target (ct): the EMA adapter is sampled
 
     def ema_update_pairs(self, student: torch.nn.Module) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
         """``(target, source)`` parameter pairs of the EMA update (empty when the target is the student itself)."""
@@ -136,6 +139,11 @@ class Networks:
     def sampling_unet(self, base: torch.nn.Module) -> torch.nn.Module:
         """The UNet that is saved and validated: the EMA target (full), or the adapted UNet ``base`` (LoRA)."""
         return self.target if self.target is not None else base
+
+    @property
+    def sampling_adapter(self) -> str:
+        """The LoRA adapter that is saved and validated: the EMA copy (``sample_ema_adapter``) or the trained one."""
+        return EMA_ADAPTER if self.sample_ema_adapter else "default"
 
     def callables(self, base: torch.nn.Module, embeds: torch.Tensor, uncond: torch.Tensor) -> ModelFns:
         """:class:`ModelFns` for text ``embeds (B,L,D)``; ``base`` is the unwrapped student (no DDP for no-grad)."""
@@ -175,9 +183,24 @@ def w_student_from(teacher_unet: torch.nn.Module, time_cond_proj_dim: int) -> to
     return student.train()
 
 
-def build_networks(config: ModelConfig, teacher: Teacher, weight_dtype: torch.dtype) -> Networks:
+def full_student_from(teacher_unet: torch.nn.Module, config: ModelConfig, guided: bool) -> torch.nn.Module:
+    """The trainable full-mode student: with a w-embedding (``guided``, :func:`w_student_from`) or a plain fp32 copy
+    of the teacher's UNet; with ``config.init == "random"`` the same architecture from fresh random weights (drawn
+    from the global RNG, which the loop seeds)."""
+    from diffusers import UNet2DConditionModel
+
+    if guided:
+        student = w_student_from(teacher_unet, config.time_cond_proj_dim)
+    else:
+        student = copy.deepcopy(teacher_unet).float().requires_grad_(True).train()
+    if config.init == "random":
+        student = UNet2DConditionModel.from_config(student.config).to(teacher_unet.device).train()
+    return student
+
+
+def build_networks(config: ModelConfig, teacher: Teacher, weight_dtype: torch.dtype, guided: bool = True) -> Networks:
     """The ``lora`` or ``full`` layout of ``config.mode`` (module docstring); full mode replaces ``teacher.unet``
-    with its frozen ``weight_dtype`` copy."""
+    with its frozen ``weight_dtype`` copy. ``guided``: the objective's (full mode: a w-embedding student)."""
     unet = teacher.unet
     if config.mode == "lora":
         unet.to(dtype=weight_dtype)
@@ -185,13 +208,13 @@ def build_networks(config: ModelConfig, teacher: Teacher, weight_dtype: torch.dt
         pairs = add_ema_adapter(unet) if config.lora_ema else None
         unet.train()
         params = [p for p in unet.parameters() if p.requires_grad]
-        return Networks(unet, None, None, params, None, weight_dtype, pairs)
-    student = w_student_from(unet, config.time_cond_proj_dim)
+        return Networks(unet, None, None, params, None, weight_dtype, pairs, bool(pairs) and not guided)
+    student = full_student_from(unet, config, guided)
     target = copy.deepcopy(student).requires_grad_(False).eval()  # EMA target, fp32 like the student
     frozen = unet.requires_grad_(False).eval().to(dtype=weight_dtype)
     teacher.unet = frozen
     params = [p for p in student.parameters() if p.requires_grad]
-    return Networks(student, frozen, target, params, config.time_cond_proj_dim, weight_dtype)
+    return Networks(student, frozen, target, params, config.time_cond_proj_dim if guided else None, weight_dtype)
 
 
 @torch.no_grad()

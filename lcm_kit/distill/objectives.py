@@ -8,8 +8,11 @@ come from :mod:`lcm_kit.functional` through :mod:`lcm_kit.solver` / :mod:`lcm_ki
 decides which of them to combine. A new objective is one class here, one entry in :data:`OBJECTIVES` and one
 choice of ``--objective`` (:class:`lcm_kit.distill.config.ObjectiveConfig`).
 
-All three share the teacher side (LCM Algorithm 1): ``z = z_{t_{n+k}}`` on the skipping-step grid and the
-teacher's guided DDIM step to ``z_hat_{t_n}``. They differ in where the student's output lands:
+``ct`` is the odd one out: consistency training from data alone (:mod:`lcm_kit.consistency_training`), no teacher
+UNet and no guidance ``w`` (its student is a plain UNet that learns the unconditional model by caption dropout).
+
+``lcm``, ``pcm`` and ``tcd`` share the teacher side (LCM Algorithm 1): ``z = z_{t_{n+k}}`` on the skipping-step
+grid and the teacher's guided DDIM step to ``z_hat_{t_n}``. They differ in where the student's output lands:
 
 * ``lcm`` -- at 0, through the boundary scalings ``c_skip z + c_out x0`` (LCM arXiv 2310.04378, Eq. 9-10);
 * ``pcm`` -- at the lower edge ``s_m`` of the phase holding ``t_{n+k}``, by a DDIM jump with the model's own
@@ -24,10 +27,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 
+from ..consistency_training import consistency_training_loss
 from ..contract import SamplingContract
 from ..functional import append_dims, diffuse, predict_x0_eps
 from ..loss import DistillLossOutput, consistency_distillation_loss, distillation_distance
@@ -41,9 +45,12 @@ class Objective(Protocol):
     """The loss of one micro-batch, and the sampler settings the trained student needs."""
 
     config: ObjectiveConfig
+    guided: ClassVar[bool]  # the student learns the teacher's guided ODE at a drawn w (full mode: a w-embedding)
 
-    def __call__(self, fns: ModelFns, latents: torch.Tensor, generator: torch.Generator) -> DistillLossOutput:
-        """``latents (B,C,H,W)`` (times the VAE scaling factor) -> an output whose ``loss`` is a scalar."""
+    def __call__(self, fns: ModelFns, latents: torch.Tensor, generator: torch.Generator,
+                 step: int = 0) -> DistillLossOutput:  # fmt: skip
+        """``latents (B,C,H,W)`` (times the VAE scaling factor) at global optimizer step ``step`` -> an output whose
+        ``loss`` is a scalar."""
         ...
 
     def sampling(self) -> SamplingContract:
@@ -52,13 +59,14 @@ class Objective(Protocol):
 
 
 def _contract(objective: str, steps: int, timesteps: tuple[int, ...] | None, c: ObjectiveConfig,
-              gamma: float | None) -> SamplingContract:  # fmt: skip
+              gamma: float | None, guided: bool = True) -> SamplingContract:  # fmt: skip
     """The contract: the grid and boundary scalings the student learned (LCM Sec. 4.3 and Eq. 9), TCD's ``gamma``
-    (the objective's default ``gamma``, or ``--sampling_gamma``) and the guidance range it was distilled for."""
+    (the objective's default ``gamma``, or ``--sampling_gamma``) and the guidance range it was distilled for (none
+    for an objective that is not ``guided``)."""
     gamma = gamma if c.sampling_gamma is None else c.sampling_gamma  # --sampling_gamma overrides the default
     scheduler = {"original_inference_steps": c.num_ddim_timesteps, "timestep_scaling": c.timestep_scaling,
                  "sigma_data": c.sigma_data, "prediction_type": c.prediction_type, "gamma": gamma}  # fmt: skip
-    return SamplingContract(objective, steps, timesteps, scheduler, (c.w_min, c.w_max))
+    return SamplingContract(objective, steps, timesteps, scheduler, (c.w_min, c.w_max) if guided else None)
 
 
 @dataclass(frozen=True)
@@ -68,8 +76,10 @@ class LCMObjective:
 
     config: ObjectiveConfig
     alphas_cumprod: torch.Tensor  # (num_train_timesteps,) of the teacher
+    guided: ClassVar[bool] = True
 
-    def __call__(self, fns: ModelFns, latents: torch.Tensor, generator: torch.Generator) -> DistillLossOutput:
+    def __call__(self, fns: ModelFns, latents: torch.Tensor, generator: torch.Generator,
+                 step: int = 0) -> DistillLossOutput:  # fmt: skip
         return consistency_distillation_loss(
             fns.student, fns.teacher, fns.target, latents, self.alphas_cumprod, self.config, generator=generator
         )
@@ -113,6 +123,7 @@ class PCMObjective:
 
     config: ObjectiveConfig
     alphas_cumprod: torch.Tensor
+    guided: ClassVar[bool] = True
 
     def edge_of(self, p: SolverPoints) -> torch.Tensor:
         """``(B,)`` long: the phase edge below each grid index ``p.index``."""
@@ -121,7 +132,8 @@ class PCMObjective:
         phase = torch.searchsorted(first, p.index, right=True) - 1  # last phase whose first index <= index
         return edges[phase]
 
-    def __call__(self, fns: ModelFns, latents: torch.Tensor, generator: torch.Generator) -> DistillLossOutput:
+    def __call__(self, fns: ModelFns, latents: torch.Tensor, generator: torch.Generator,
+                 step: int = 0) -> DistillLossOutput:  # fmt: skip
         return jump_distillation_loss(fns, latents, self.alphas_cumprod, self.config, self.edge_of, generator)
 
     def sampling(self) -> SamplingContract:
@@ -139,6 +151,7 @@ class TCDObjective:
     config: ObjectiveConfig
     alphas_cumprod: torch.Tensor
     gamma: float = 0.3  # TCD's default eta
+    guided: ClassVar[bool] = True
 
     def draw_end(self, p: SolverPoints, generator: torch.Generator | None) -> torch.Tensor:
         """``(B,)`` long jump ends, drawn after the index / w / noise draws of ``p``."""
@@ -147,7 +160,8 @@ class TCDObjective:
         j = torch.minimum((u * (p.index + 1)).long(), p.index)  # uniform on {0, ..., index}
         return solver_timesteps(j, len(self.alphas_cumprod), self.config.num_ddim_timesteps)[1]  # the step end of j
 
-    def __call__(self, fns: ModelFns, latents: torch.Tensor, generator: torch.Generator) -> DistillLossOutput:
+    def __call__(self, fns: ModelFns, latents: torch.Tensor, generator: torch.Generator,
+                 step: int = 0) -> DistillLossOutput:  # fmt: skip
         return jump_distillation_loss(fns, latents, self.alphas_cumprod, self.config,
                                       lambda p: self.draw_end(p, generator), generator)  # fmt: skip
 
@@ -155,7 +169,27 @@ class TCDObjective:
         return _contract("tcd", 4, None, self.config, self.gamma)
 
 
-OBJECTIVES: dict[str, type] = {"lcm": LCMObjective, "pcm": PCMObjective, "tcd": TCDObjective}
+@dataclass(frozen=True)
+class CTObjective:
+    """Consistency training, iCT / ECT in SD latent space (:mod:`lcm_kit.consistency_training`): the target is the
+    student itself under ``no_grad``; ``fns.teacher`` and ``fns.target`` are never called (an EMA of the student,
+    if any, is for sampling only). Sampled in 2 steps of the LCM scheduler by default, with CFG (``guidance_scale``)
+    available because of caption dropout."""
+
+    config: ObjectiveConfig
+    alphas_cumprod: torch.Tensor
+    guided: ClassVar[bool] = False
+
+    def __call__(self, fns: ModelFns, latents: torch.Tensor, generator: torch.Generator,
+                 step: int = 0) -> DistillLossOutput:  # fmt: skip
+        return consistency_training_loss(fns.student, latents, self.alphas_cumprod, self.config, step,
+                                         generator=generator)  # fmt: skip
+
+    def sampling(self) -> SamplingContract:
+        return _contract("ct", 2, None, self.config, None, guided=False)
+
+
+OBJECTIVES: dict[str, type] = {"lcm": LCMObjective, "pcm": PCMObjective, "tcd": TCDObjective, "ct": CTObjective}
 
 
 def make_objective(config: ObjectiveConfig, alphas_cumprod: torch.Tensor) -> Objective:

@@ -51,11 +51,13 @@ def write_config(config: RunConfig) -> Path:
 
 def save_final(nets: Networks, student: torch.nn.Module, teacher: Teacher, contract: SamplingContract,
                output_dir: str, save_peft_layout: bool) -> list[Path]:  # fmt: skip
-    """LoRA: ``pytorch_lora_weights.safetensors`` (kohya-ss layout; + the PEFT-layout file), the sampling contract in
-    their metadata. Full: an ``LCMPipeline`` folder with the EMA UNet and :func:`student_scheduler` (contract in its
-    config; ``unet_online/`` holds the online student). ``student`` is the unwrapped student."""
+    """LoRA: ``pytorch_lora_weights.safetensors`` (kohya-ss layout; + the PEFT-layout file) of
+    :attr:`Networks.sampling_adapter`, the sampling contract in their metadata. Full: an ``LCMPipeline`` folder with
+    the EMA UNet and :func:`student_scheduler` (contract in its config; ``unet_online/`` holds the online student).
+    ``student`` is the unwrapped student."""
     if nets.target is None:
-        return save_lora(student, output_dir, peft_layout=save_peft_layout, metadata=contract.as_metadata())
+        return save_lora(student, output_dir, peft_layout=save_peft_layout, metadata=contract.as_metadata(),
+                         adapter_name=nets.sampling_adapter)  # fmt: skip
     from ..pipeline import LCMPipeline
 
     pipe = LCMPipeline(  # training is over: the text encoder goes back to fp32 (it ran in the mixed dtype)
@@ -76,7 +78,7 @@ base_model: {teacher}
 
 Distilled with `lcm_kit` (`train/distill_lora.py --mode {mode} --objective {objective}`) from the teacher
 `{teacher}`: {steps} optimizer steps, batch {batch} x {accum} accumulation x {procs} process(es), lr {lr},
-w ~ U[{w_min}, {w_max}] (LCM convention, w = guidance_scale - 1), {ddim} DDIM solver steps, {loss} loss{extra}.
+{recipe}, {loss} loss{extra}.
 The resolved training config is `training_config.json`.
 
 Sampling contract (what it was trained for): {contract}. Sample it with `LCMKitScheduler` set to {sampler}.
@@ -94,7 +96,7 @@ lcm_kit applies the sampling contract stored in the file when the LoRA is loaded
 from lcm_kit import LCMPipeline
 pipe = LCMPipeline.from_pretrained("{teacher}")
 pipe.load_lora_weights("{out}")
-image = pipe("a photo of a cat").images[0]  # {steps}, no CFG (the guidance is distilled in)
+image = pipe("a photo of a cat").images[0]  # {steps}, {cfg_note}
 ```
 Stock diffusers (an LCM-LoRA has no guidance embedding: guidance_scale 1-2):
 ```python
@@ -116,6 +118,17 @@ Stock diffusers loads it as `LatentConsistencyModelPipeline.from_pretrained("{ou
 student with a gamma, `TCDScheduler.from_config(pipe.scheduler.config)` with `eta` = gamma (our sampler equals it)."""
 
 
+def _recipe(config: RunConfig) -> str:
+    """The model card's words for what the student learnt from: the guided teacher's ODE, or data alone (ct)."""
+    o = config.objective
+    if o.objective != "ct":
+        return (f"w ~ U[{o.w_min}, {o.w_max}] (LCM convention, w = guidance_scale - 1), {o.num_ddim_timesteps} DDIM "
+                "solver steps")  # fmt: skip
+    init = "" if config.model.init == "random" else " and the initial weights"
+    return (f"consistency training without a teacher UNet ({o.ct_schedule} curriculum over {o.ct_total_steps} steps, "
+            f"caption dropout {o.caption_dropout_p}; the teacher gave the VAE, text encoder, noise schedule{init})")
+
+
 def write_model_card(config: RunConfig, sampling: SamplingContract, steps: int, procs: int) -> Path:
     """A short ``README.md``: teacher, settings, the sampling contract, how to load the result."""
     m, o, opt = config.model, config.objective, config.optim
@@ -129,8 +142,12 @@ def write_model_card(config: RunConfig, sampling: SamplingContract, steps: int, 
     stock_kwargs = ", ".join(f"{k}={sampler[k]!r}" for k in ("original_inference_steps", "timestep_scaling"))
     gamma = sampler["gamma"]
     w_mid = (o.w_min + o.w_max) / 2
+    guided = sampling.w_range is not None  # else (ct) a plain UNet trained with caption dropout: CFG is available
     stock = {"stock_scheduler": "LCMScheduler" if gamma is None else "TCDScheduler",
-             "stock_eta": "" if gamma is None else f", eta={gamma}", "guidance": f"{guidance_scale_from_w(w_mid):g}"}
+             "stock_eta": "" if gamma is None else f", eta={gamma}",
+             "guidance": f"{guidance_scale_from_w(w_mid):g}" if guided else "1.0",
+             "cfg_note": "no CFG (the guidance is distilled in)" if guided else
+             "guidance_scale > 1 adds CFG (trained with caption dropout)"}  # fmt: skip
     call = (f"timesteps={list(sampling.timesteps)}" if sampling.timesteps is not None
             else f"num_inference_steps={sampling.num_inference_steps}")  # fmt: skip
     contract = f"objective `{sampling.objective}`, {call}, gamma {sampler['gamma']}"
@@ -142,9 +159,8 @@ def write_model_card(config: RunConfig, sampling: SamplingContract, steps: int, 
     text = MODEL_CARD.format(
         tag="lora" if lora else "full", title="LCM-LoRA" if lora else "Latent Consistency Model", mode=m.mode,
         objective=o.objective, teacher=m.pretrained_teacher_model, steps=steps, batch=opt.train_batch_size,
-        accum=opt.gradient_accumulation_steps, procs=procs, lr=opt.learning_rate, w_min=o.w_min, w_max=o.w_max,
-        ddim=o.num_ddim_timesteps, loss=o.loss_type, extra=extra, sampler=f"`{kwargs}`", usage=usage,
-        contract=contract,
+        accum=opt.gradient_accumulation_steps, procs=procs, lr=opt.learning_rate, recipe=_recipe(config),
+        loss=o.loss_type, extra=extra, sampler=f"`{kwargs}`", usage=usage, contract=contract,
     )  # fmt: skip
     path = Path(config.output.output_dir) / "README.md"
     path.write_text(text)

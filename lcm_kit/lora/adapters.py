@@ -192,15 +192,13 @@ def _strip_prefix(key: str) -> str:
     return key
 
 
-def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+def lora_state_dict(unet: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's tensors under diffusers-loadable keys ``unet.<module path>.lora_{A,B}.weight``.
 
     These are the plain ``get_peft_model_state_dict(unet)`` keys with a ``unet.`` prefix (``base_model.model.`` of a
     ``PeftModel`` removed), what ``StableDiffusionPipeline.save_lora_weights`` writes. Tensors are detached.
+    ``adapter_name`` picks another adapter of the UNet (e.g. :data:`EMA_ADAPTER`) under the same keys.
     """
-    from peft import get_peft_model_state_dict
-
-    model = _unwrap(unet)
-    return {f"unet.{_strip_prefix(k)}": v.detach() for k, v in get_peft_model_state_dict(model).items()}
+    return {f"unet.{k}": v for k, v in adapter_state_dict(unet, adapter_name).items()}
 
 

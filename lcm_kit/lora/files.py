@@ -60,6 +60,7 @@ def save_lora(
     weight_name: str = LORA_WEIGHT_NAME,
     dtype: torch.dtype | None = None,
     metadata: dict[str, str] | None = None,
+    adapter_name: str = "default",
 ) -> list[Path]:
     """Saves the adapter in the kohya-ss layout (:func:`to_kohya`), which ComfyUI, A1111 and kohya sd-scripts load
     from their LoRA folders and stock diffusers' ``pipe.load_lora_weights(output_dir)`` loads completely.
@@ -71,12 +72,13 @@ def save_lora(
         weight_name: File name of the kohya-layout file.
         dtype: Cast the LoRA tensors to this dtype (e.g. ``torch.float16``); default: keep (fp32).
         metadata: Extra safetensors metadata for both files (e.g. the sampling contract, :mod:`lcm_kit.contract`).
+        adapter_name: The adapter to save (default: the trained one; the distiller's EMA copy is ``"ema"``).
 
     Returns:
         The paths written, the kohya-layout file first.
     """
     rank, alpha, targets = _rank_alpha_targets(unet)
-    state = lora_state_dict(unet)
+    state = lora_state_dict(unet, adapter_name)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     out, extra = Path(output_dir), metadata or {}
