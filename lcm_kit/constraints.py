@@ -3,9 +3,10 @@
 
 Each constraint has two projections: :meth:`Constraint.pixels`, exact, on decoded images ``(B, 3, H, W)`` in
 [-1, 1] (the final projection of the returned image), and :meth:`Constraint.latents`, applied to each step's clean
-latent estimate before it is re-noised. Inpainting projects in latent space (the known latents pasted under a
-latent mask, no VAE pass; an all-repaint mask is the identity, bit for bit); super-resolution and colorization need
-pixels, so their latent projection is a VAE round trip ``encode(pixels(decode(z)))`` (encoder mode, no randomness).
+latent estimate before it is re-noised: a VAE round trip ``encode(pixels(decode(z)))`` (encoder mode, no randomness).
+Inpainting can instead paste the encoded image's latents where a whole latent cell is known (``latent_space``, no
+VAE pass; with a VAE whose decoder mixes cells, e.g. through attention, the known pixels then drift), and with no
+known pixel it is the identity, bit for bit.
 The formulas are in :mod:`lcm_kit.functional`; argument checks in :mod:`lcm_kit.edit_inputs`.
 """
 
@@ -73,21 +74,27 @@ class Inpaint(Constraint):
     mask: torch.Tensor
     known_latents: torch.Tensor
     latent_mask: torch.Tensor
+    latent_space: bool = False
 
     @classmethod
-    def build(cls, known: torch.Tensor, mask: torch.Tensor, vae: AutoencoderKL, vae_scale_factor: int) -> Inpaint:
+    def build(cls, known: torch.Tensor, mask: torch.Tensor, vae: AutoencoderKL, vae_scale_factor: int,
+              latent_space: bool = False) -> Inpaint:  # fmt: skip
         latent_mask = torch.nn.functional.max_pool2d(mask, vae_scale_factor)
-        return cls(known, mask, vae_encode(vae, known), latent_mask)
+        return cls(known, mask, vae_encode(vae, known), latent_mask, latent_space)
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
         return F.project_known(images, self.known.to(images), self.mask.to(images))
 
     def latents(self, latents: torch.Tensor, vae: AutoencoderKL) -> torch.Tensor:
-        return F.project_known(latents, self.known_latents.to(latents), self.latent_mask.to(latents))
+        if self.latent_space:
+            return F.project_known(latents, self.known_latents.to(latents), self.latent_mask.to(latents))
+        if bool((self.mask == 1).all()):  # nothing known: the identity, without a VAE round trip
+            return latents
+        return super().latents(latents, vae)
 
     def expand(self, batch_size: int, num_images_per_prompt: int) -> Inpaint:
         tensors = (self.known, self.mask, self.known_latents, self.latent_mask)
-        return Inpaint(*(expand_batch(x, batch_size, num_images_per_prompt) for x in tensors))
+        return Inpaint(*(expand_batch(x, batch_size, num_images_per_prompt) for x in tensors), self.latent_space)
 
 
 @dataclass(frozen=True, eq=False)

@@ -131,7 +131,8 @@ def test_colorize_luma_equals_input(lcm_edit, photo):
 
 def test_each_step_renoises_the_projected_estimate(lcm_edit, photo, centre_mask):
     """After step 0, ``latents = alpha(t1) P(denoised) + sigma(t1) eps1`` with the step's own noise ``eps1`` (the
-    generator's second draw, after the initial noise), and ``P`` pasted the encoded image into the known cells."""
+    generator's second draw, after the initial noise), and ``P`` (``latent_projection``) pasted the encoded image into
+    the known cells."""
     seen = {}
 
     def callback(pipe, i, t, tensors):
@@ -141,7 +142,8 @@ def test_each_step_renoises_the_projected_estimate(lcm_edit, photo, centre_mask)
 
     inputs = ["latents", "denoised"]
     lcm_edit.inpaint(PROMPT, image=photo, mask_image=centre_mask, num_inference_steps=2, generator=_gen(7),
-                     callback_on_step_end=callback, callback_on_step_end_tensor_inputs=inputs)  # fmt: skip
+                     latent_projection=True, callback_on_step_end=callback,
+                     callback_on_step_end_tensor_inputs=inputs)  # fmt: skip
     g = _gen(7)
     torch.randn(1, 4, 8, 8, generator=g)
     eps1 = torch.randn(1, 4, 8, 8, generator=g)
