@@ -9,7 +9,8 @@ fused, guidance 1 = no CFG). Every student is sampled with plain LCM steps (the 
 number of steps and seeds (image ``i``: ``seed + i``) for every method of a row group. Tasks and baselines:
 
 * inpainting (centre 16x16 square; random masks: two rectangles of 6-16 px per image): ``inpaint`` vs diffusers'
-  ``StableDiffusionInpaintPipeline`` with the 4-channel student UNet + ``LCMScheduler`` (it blends noisy latents);
+  ``StableDiffusionInpaintPipeline`` with the 4-channel student UNet + ``LCMScheduler`` (it blends noisy latents),
+  as is and with the known pixels pasted back into its output (the usual composite; same UNet evaluations);
 * 4x super-resolution (8 -> 32 px box means): ``super_resolve`` vs bicubic and SDEdit (LCM img2img of the bicubic
   image at ``--sdedit_strength``);
 * colorization (input: ITU-R 601 luma): ``colorize`` vs LCM img2img of the grey image at ``--sdedit_strength``;

@@ -139,7 +139,9 @@ def inpaint_rows(ctx: Context, students: dict, masks: torch.Tensor, mask_name: s
     methods = {
         **_ours("inpaint", lambda pipe, kw: pipe.inpaint(ctx.prompts, **args, **kw).images, ctx.ours_strengths),
         "SD inpaint + LCMScheduler": lambda pipe, kw: _sd_inpaint(pipe)(ctx.prompts, **args, **kw).images,
-    }
+        "SD inpaint + LCMScheduler, known pixels pasted": lambda pipe, kw: F.project_known(
+            _sd_inpaint(pipe)(ctx.prompts, **args, **kw).images, ctx.real, masks),
+    }  # fmt: skip
     real_seam = f"seam {seam(ctx.real, masks):.1f}"
     reference = Row(task, "-", 0, "real images (reference)", 0, math.nan, math.nan, real_seam, 0)
     return [reference] + _student_rows(
