@@ -150,37 +150,44 @@ def inpaint_rows(ctx: Context, students: dict, masks: torch.Tensor, mask_name: s
     )  # fmt: skip
 
 
+def _guess_task_rows(ctx: Context, students: dict, task: str, name: str, ours: Method, guess: torch.Tensor,
+                     guess_label: str, baseline_label: str, err: Callable[[torch.Tensor], float]) -> list[Row]:
+    """A task with an initial guess (``(N, 3, H, W)`` in [0, 1]): the guess itself (a row, no UNet), ours, and
+    LCM img2img of the guess at ``ctx.strength`` (SDEdit) as the baseline."""
+    methods = {
+        **_ours(name, ours, ctx.ours_strengths),
+        f"{baseline_label} (strength {ctx.strength:g})": lambda pipe, kw: pipe(
+            ctx.prompts, image=guess, strength=ctx.strength, **kw).images,
+    }  # fmt: skip
+    first = Row(task, "-", 0, guess_label, 0, ctx.fid(guess), err(guess), "", 0)
+    return [first] + _student_rows(ctx, task, students, methods, err)
+
+
 def super_resolve_rows(ctx: Context, students: dict, factor: int = 4) -> list[Row]:
-    task, low = f"super-resolution {factor}x", F.box_downsample(ctx.real, factor)
+    low = F.box_downsample(ctx.real, factor)
     bicubic = torch.nn.functional.interpolate(low, scale_factor=factor, mode="bicubic").clamp(0, 1)
 
     def err(images: torch.Tensor) -> float:
         return float((F.box_downsample(q8(images), factor) - low * 255).abs().max())
 
-    methods = {
-        **_ours("super_resolve", lambda pipe, kw: pipe.super_resolve(ctx.prompts, image=low, scale_factor=factor,
-                                                                     **kw).images, ctx.ours_strengths),
-        f"SDEdit of bicubic (strength {ctx.strength:g})": lambda pipe, kw: pipe(
-            ctx.prompts, image=bicubic, strength=ctx.strength, **kw).images,
-    }  # fmt: skip
-    bicubic_row = Row(task, "-", 0, "bicubic", 0, ctx.fid(bicubic), err(bicubic), "", 0)
-    return [bicubic_row] + _student_rows(ctx, task, students, methods, err)
+    def ours(pipe: Any, kw: dict) -> torch.Tensor:
+        return pipe.super_resolve(ctx.prompts, image=low, scale_factor=factor, **kw).images
+
+    return _guess_task_rows(ctx, students, f"super-resolution {factor}x", "super_resolve", ours, bicubic, "bicubic",
+                            "SDEdit of bicubic", err)  # fmt: skip
 
 
 def colorize_rows(ctx: Context, students: dict) -> list[Row]:
-    task, grey = "colorization", F.luma(ctx.real)
-    grey_rgb = grey.expand_as(ctx.real)
+    grey = F.luma(ctx.real)
 
     def err(images: torch.Tensor) -> float:
         return float((F.luma(q8(images)) - grey * 255).abs().max())
 
-    methods = {
-        **_ours("colorize", lambda pipe, kw: pipe.colorize(ctx.prompts, image=grey, **kw).images, ctx.ours_strengths),
-        f"img2img of grey (strength {ctx.strength:g})": lambda pipe, kw: pipe(
-            ctx.prompts, image=grey_rgb, strength=ctx.strength, **kw).images,
-    }  # fmt: skip
-    grey_row = Row(task, "-", 0, "grey input (reference)", 0, ctx.fid(grey_rgb), err(grey_rgb), "", 0)
-    return [grey_row] + _student_rows(ctx, task, students, methods, err)
+    def ours(pipe: Any, kw: dict) -> torch.Tensor:
+        return pipe.colorize(ctx.prompts, image=grey, **kw).images
+
+    return _guess_task_rows(ctx, students, "colorization", "colorize", ours, grey.expand_as(ctx.real),
+                            "grey input (reference)", "img2img of grey", err)  # fmt: skip
 
 
 def smoothness(ctx: Context, frames: torch.Tensor, num_frames: int) -> str:
