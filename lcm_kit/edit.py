@@ -46,7 +46,8 @@ class LCMEditPipeline(LCMPipeline):
     sees the projected ``latents`` / ``denoised``). ``strength=None`` (default) starts from pure noise (CM Algorithm
     4); a ``strength`` in (0, 1] starts from the task's initial guess noised to the first of the cut schedule, as
     LCM image-to-image does. ``exact_projection=False`` returns the decoded last estimate without the final
-    pixel-space projection (its constraint then holds only as well as the VAE reproduces it).
+    pixel-space projection (its constraint then holds only as well as the VAE reproduces it);
+    ``output_type="latent"`` returns the last step's projected latents (the exact projection needs pixels).
     """
 
     # ---- the four tasks -----------------------------------------------------------------------------------------
