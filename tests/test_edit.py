@@ -202,6 +202,23 @@ def test_from_pipe_shares_components_and_callbacks_see_projected_tensors(lcm_edi
     assert seen == [(0, {"denoised"}), (1, {"denoised"}), (2, {"denoised"})]
 
 
+def test_latent_projection_identity_and_image_interpolation(lcm_edit, photo):
+    kwargs = dict(num_inference_steps=2, output_type="np")
+    ref = _quiet(LCMPipeline(**lcm_edit.components))(PROMPT, height=16, width=16, generator=_gen(3), **kwargs).images
+    everything = np.ones((16, 16))
+    out = lcm_edit.inpaint(PROMPT, image=photo, mask_image=everything, latent_projection=True, generator=_gen(3),
+                           **kwargs)  # fmt: skip
+    assert np.array_equal(out.images, ref)  # an all-repaint mask is the identity in latent space too
+    batches: list[int] = []
+    handle = count_unet_calls(lcm_edit.unet, batches)
+    try:
+        ends = [photo, photo.transpose(PIL.Image.FLIP_LEFT_RIGHT)]
+        frames = lcm_edit.interpolate(PROMPT, image=ends, num_frames=3, generator=_gen(3), **kwargs).images
+    finally:
+        handle.remove()
+    assert frames.shape == (3, 16, 16, 3) and batches == [3, 3]  # strength 0.8 by default: still 2 passes
+
+
 def test_interpolate_ends_do_not_depend_on_num_frames(lcm_edit):
     a = lcm_edit.interpolate(
         ["a cat", "a dog"], num_frames=2, num_inference_steps=2, generator=_gen(), output_type="np"
