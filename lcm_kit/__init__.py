@@ -1,8 +1,16 @@
 """lcm_kit: Latent Consistency Models for diffusers."""
 
 from .contract import SamplingContract
+from .edit import LCMEditPipeline
 from .guidance import Guidance
 from .pipeline import LCMPipeline
 from .scheduler import LCMKitScheduler, LCMKitSchedulerOutput
 
-__all__ = ["Guidance", "LCMKitScheduler", "LCMKitSchedulerOutput", "LCMPipeline", "SamplingContract"]
+__all__ = [
+    "Guidance",
+    "LCMEditPipeline",
+    "LCMKitScheduler",
+    "LCMKitSchedulerOutput",
+    "LCMPipeline",
+    "SamplingContract",
+]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,12 +100,16 @@ def initial_latents(
     return pipe.scheduler.add_noise(x0, noise, pipe.scheduler.timesteps[:1])
 
 
-def decode_output(pipe: Any, denoised: torch.Tensor, output_type: str, device, dtype) -> tuple[Any, list[bool] | None]:
-    """VAE-decodes ``denoised``, runs the pipeline's safety checker if any, and converts to ``output_type``."""
+def decode_output(
+    pipe: Any, denoised: torch.Tensor, output_type: str, device, dtype, project: Callable | None = None
+) -> tuple[Any, list[bool] | None]:
+    """VAE-decodes ``denoised``, applies ``project`` to the decoded images in [-1, 1] (an editing constraint, if
+    any), runs the pipeline's safety checker if any, and converts to ``output_type``."""
     if output_type == "latent":
         return denoised, None
     vae = pipe.vae
     image = vae.decode(denoised.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    image = project(image) if project is not None else image
     image, nsfw = StableDiffusionPipeline.run_safety_checker(pipe, image, device, dtype)
     do_denormalize = None if nsfw is None else [not flagged for flagged in nsfw]
     images = pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
