@@ -318,22 +318,28 @@ def test_student_is_saved_and_validated_with_its_training_grid(tmp_path, tiny_sd
     assert "original_inference_steps=25" in card and "timestep_scaling=5.0" in card and "sigma_data=0.4" in card
 
 
-@pytest.mark.slow
-def test_accelerate_two_processes_agree(tmp_path, tiny_sd_dir, images):
-    out = tmp_path / "out"
+def two_process_digests(out: Path, argv: list[str]) -> tuple[str, str]:
+    """Runs the launcher under ``accelerate launch`` with 2 CPU (gloo) ranks; returns each rank's parameter digest."""
     # `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x unless an MPI hostfile is
     # given; torchrun (`--multi_gpu`) plus ACCELERATE_USE_CPU=true gives DistributedType.MULTI_CPU with gloo.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
-           *base_args(tiny_sd_dir, images, out, 2, "--debug_param_digest")]  # fmt: skip
+           *argv, "--debug_param_digest"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "x 2 process(es)" in (out / "README.md").read_text()  # really two data-parallel ranks
     d0, d1 = ((out / f"debug_params_rank{r}.txt").read_text() for r in (0, 1))
-    assert d0 == d1  # both ranks hold identical LoRA weights
+    return d0, d1
+
+
+@pytest.mark.slow
+def test_accelerate_two_processes_agree(tmp_path, tiny_sd_dir, images):
     from lcm_kit.distill.outputs import state_digest
 
+    out = tmp_path / "out"
+    d0, d1 = two_process_digests(out, base_args(tiny_sd_dir, images, out, 2))
+    assert d0 == d1  # both ranks hold identical LoRA weights
     assert state_digest(load_file(out / "pytorch_lora_weights.safetensors")) == d0  # and that is what was saved
 
 

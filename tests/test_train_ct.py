@@ -113,21 +113,10 @@ def test_ct_two_processes_agree(tmp_path, tiny_sd_dir, images):  # noqa: F811
     # Two gloo ranks (see test_train.test_accelerate_two_processes_agree): each draws its own pairs, both follow the
     # same global-step curriculum, and the student is called twice per micro-batch through DDP (with and without
     # gradients); the ranks must end with identical weights.
-    import os
-    import subprocess
-    import sys
-
-    from test_train import REPO, SCRIPT
+    from test_train import two_process_digests
 
     from lcm_kit.distill.outputs import state_digest
 
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
-           *base_args(tiny_sd_dir, images, out, 2, "--objective", "ct", "--debug_param_digest")]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "x 2 process(es)" in (out / "README.md").read_text()
-    d0, d1 = ((out / f"debug_params_rank{r}.txt").read_text() for r in (0, 1))
+    d0, d1 = two_process_digests(out, base_args(tiny_sd_dir, images, out, 2, "--objective", "ct"))
     assert d0 == d1 == state_digest(load_file(out / "pytorch_lora_weights.safetensors"))
