@@ -5,7 +5,7 @@
 * :func:`load_checked` loads one component with the library's own loading report (``output_loading_info=True``
   in diffusers and transformers) and raises on missing, unexpected or mismatched weights. Both libraries otherwise
   leave unmatched weights at random init with only a log line: a text encoder saved by transformers >= 5.6 (names
-  without the ``text_model.`` prefix) loads 0 of its tensors under transformers 4.x.
+  without the ``text_model.`` prefix) loads 0 of its tensors under transformers < 5.6.
 * :func:`checked_pipeline_kwargs` loads the UNet, VAE and text encoder that way for ``from_pretrained``.
 """
 
@@ -29,6 +29,7 @@ COMPONENT_KWARGS: tuple[str, ...] = HUB_KWARGS + ("variant", "use_safetensors", 
 # With these, placement / quantisation is diffusers' pipeline-level business: it loads the components itself.
 PIPELINE_ONLY_KWARGS: tuple[str, ...] = ("device_map", "quantization_config", "dduf_file")
 SHOWN = 4  # keys shown per kind in an error message
+MIN_TRANSFORMERS = "5.6"  # pyproject's floor: the first transformers that reads both CLIP text-encoder layouts
 
 
 def _read_config(cls, path: str | os.PathLike, subfolder: str | None, hub_kwargs: dict) -> dict:
@@ -78,17 +79,19 @@ def check_supported(path: str | os.PathLike, role: str = "model folder", hub_kwa
 
 def _library(cls) -> tuple[str, str, str, str]:
     """``(library, installed version, config key of the version that wrote a folder, how to fix)`` of a class."""
+    fix = "Re-save the component with save_pretrained from a model that loads completely"
     if cls.__module__.startswith("transformers"):
         import transformers
+        from packaging.version import Version
 
-        fix = (
-            "lcm_kit needs transformers>=5.6, which reads both CLIP text-encoder layouts (the older "
-            "`text_model.`-prefixed one and the one it writes); otherwise re-save the component from a matching model"
-        )
+        if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
+            fix = (
+                f"lcm_kit needs transformers>={MIN_TRANSFORMERS}, which reads both CLIP text-encoder layouts (the "
+                "older `text_model.`-prefixed one and the one it writes)"
+            )
         return "transformers", transformers.__version__, "transformers_version", fix
     import diffusers
 
-    fix = "Re-save the component with save_pretrained from a matching model"
     return "diffusers", diffusers.__version__, "_diffusers_version", fix
 
 
