@@ -24,6 +24,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusio
 
 from .eval import fid_kid, latent_mse, pixel_psnr
 from .guidance import Guidance
+from .loading import checked_pipeline_kwargs
 from .pipeline import LCMPipeline
 from .report import comparison_grid, format_summary, format_table, summarize_runs
 from .scheduler import LCMKitScheduler
@@ -225,7 +226,8 @@ def run_comparison(
     """
     from tqdm.auto import tqdm
 
-    teacher = StableDiffusionPipeline.from_pretrained(teacher_dir, safety_checker=None)
+    checked = checked_pipeline_kwargs(teacher_dir, {"safety_checker": None})  # an unsupported folder fails here
+    teacher = StableDiffusionPipeline.from_pretrained(teacher_dir, **checked)
     teacher.set_progress_bar_config(disable=True)
     prompts, c = list(prompts), teacher.unet.config
     noise = initial_noise(len(prompts), (c.in_channels, c.sample_size, c.sample_size), seed)

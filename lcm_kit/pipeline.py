@@ -32,6 +32,7 @@ from . import guidance as G
 from . import pipeline_inputs as inputs
 from . import pipeline_utils as U
 from .contract import ContractLoraLoaderMixin, call_schedule
+from .loading import checked_pipeline_kwargs
 from .scheduler import LCMKitScheduler
 
 OutputType = Literal["pil", "np", "pt", "latent"]
@@ -104,8 +105,9 @@ class LCMPipeline(
         Unless ``scheduler=`` is passed, the folder's scheduler config (DDPM, PNDM, DDIM, LCM ...) is read and an
         :class:`LCMKitScheduler` is built from it with ``from_config``: betas, ``prediction_type`` and SD's
         ``set_alpha_to_one: false`` carry over, and so do ``sigma_data`` / ``gamma`` of a folder we saved. Other
-        keyword arguments are those of ``DiffusionPipeline.from_pretrained``.
+        keyword arguments are those of ``DiffusionPipeline.from_pretrained``. :mod:`lcm_kit.loading` checks the folder.
         """
+        kwargs = checked_pipeline_kwargs(pretrained_model_name_or_path, kwargs)
         if kwargs.get("scheduler") is None:
             hub_kwargs = {k: kwargs[k] for k in U.HUB_KWARGS if k in kwargs}
             config = LCMKitScheduler.load_config(pretrained_model_name_or_path, subfolder="scheduler", **hub_kwargs)

@@ -156,7 +156,9 @@ def train(accelerator, state: TrainState, ckpt: Path | None = None) -> int:
         loader.set_epoch(epoch)  # accelerate's DataLoaderShard forwards it to our sampler
         if hasattr(loader.dataset, "set_epoch"):
             loader.dataset.set_epoch(epoch)
-        for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        batches.set_epoch(epoch)  # accelerate < 1.15 starts the skipping loader at epoch 0 (a different order)
+        for batch in batches:
             loss = _micro_step(accelerator, state, micro, step, batch)
             micro += 1
             if micro % accum == 0:

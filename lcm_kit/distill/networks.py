@@ -24,6 +24,7 @@ import torch
 
 from .. import functional as F
 from ..latent_cache import encode_posterior, encode_prompts
+from ..loading import check_supported, load_checked
 from ..lora import EMA_ADAPTER, adapter_mode, add_ema_adapter, add_lcm_lora, teacher_mode
 from ..scheduler import LCMKitScheduler
 from .config import ModelConfig
@@ -76,17 +77,20 @@ def load_teacher(path: str, device: torch.device, weight_dtype: torch.dtype) -> 
     noise schedule (``LCMKitScheduler.from_config`` of the folder's scheduler: same betas and prediction type).
 
     Raises:
-        ValueError: if the teacher UNet already has a guidance embedding (distill from a plain SD UNet).
+        ValueError: if the folder is not SD 1.x/2.x-style (e.g. SDXL), a component's weights do not all load
+            (:mod:`lcm_kit.loading`), or the teacher UNet already has a guidance embedding (distill from a plain SD
+            UNet).
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    check_supported(path, role="--pretrained_teacher_model")
     scheduler = LCMKitScheduler.from_config(LCMKitScheduler.load_config(path, subfolder="scheduler"))
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+    unet = load_checked(UNet2DConditionModel, path, "unet")
     if unet.config.time_cond_proj_dim is not None:
         raise ValueError(f"teacher UNet at {path!r} already has a guidance embedding; distill from a plain SD UNet")
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+    text_encoder = load_checked(CLIPTextModel, path, "text_encoder")
+    vae = load_checked(AutoencoderKL, path, "vae")
     for m in (text_encoder, vae):
         m.requires_grad_(False).eval()
     return Teacher(
