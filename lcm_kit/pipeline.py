@@ -36,7 +36,6 @@ from .loading import checked_pipeline_kwargs
 from .scheduler import LCMKitScheduler
 
 OutputType = Literal["pil", "np", "pt", "latent"]
-DEFAULT_STRENGTH = inputs.DEFAULT_STRENGTH
 
 
 class LCMPipeline(
