@@ -45,12 +45,15 @@ def parse_args(argv):
 
 
 def distill_argv(args, objective: str, steps: int) -> list[str]:
+    from lcm_kit.loading import native_resolution
+
     out = Path(args.output_dir) / objective
     return [
         "--pretrained_teacher_model", args.teacher, "--train_data_dir", str(Path(args.data_dir) / "train"),
         "--cache_dir", str(Path(args.data_dir) / "cache"), "--output_dir", str(out), "--mode", args.mode,
         "--objective", objective, "--num_phases", "4", "--max_train_steps", str(steps), "--checkpointing_steps",
-        str(args.chunk), "--resume_from_checkpoint", "latest", "--seed", str(args.seed), "--resolution", "32",
+        str(args.chunk), "--resume_from_checkpoint", "latest", "--seed", str(args.seed),
+        "--resolution", str(native_resolution(args.teacher)),
         *shlex.split(args.distill_args),
     ]  # fmt: skip
 

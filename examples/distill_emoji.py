@@ -88,11 +88,11 @@ def compare(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> str:
     from lcm_kit.guidance import Guidance
+    from lcm_kit.loading import native_resolution
 
     args = parse_args(argv)
     unet_cfg = json.loads((Path(args.teacher) / "unet" / "config.json").read_text())
-    vae_cfg = json.loads((Path(args.teacher) / "vae" / "config.json").read_text())
-    resolution = unet_cfg["sample_size"] * 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    resolution = native_resolution(args.teacher)
     ensure_dataset(Path(args.data_dir), resolution)
     if not args.skip_training:
         distill(args, resolution, Guidance.decide(unet_cfg, args.guidance_scale))

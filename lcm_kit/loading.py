@@ -170,3 +170,15 @@ def _component_dtype(torch_dtype, name: str):
 
 
 __all__ = ["check_supported", "checked_pipeline_kwargs", "load_checked", "loading_error", "unsupported_reasons"]
+
+
+def native_resolution(path: str | os.PathLike) -> int:
+    """The image size an SD folder was trained at: ``unet.sample_size * 2^(len(vae.block_out_channels) - 1)`` (the
+    UNet's latent size times the VAE's downsampling factor); reads only the two JSON configs."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    unet = _read_config(UNet2DConditionModel, path, "unet", {})
+    vae = _read_config(AutoencoderKL, path, "vae", {})
+    if not unet or not vae:
+        raise ValueError(f"{path}: no unet/config.json or vae/config.json, so its resolution is unknown")
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)

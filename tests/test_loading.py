@@ -122,3 +122,18 @@ def test_text_time_unet_is_refused_before_any_weights_are_read(tmp_path, tiny_sd
     for load in (lambda: LCMPipeline.from_pretrained(folder), lambda: load_teacher(str(folder), "cpu", torch.float32)):
         with pytest.raises(ValueError, match=r"addition_embed_type='text_time'.*SDXL support is planned"):
             load()
+
+
+def test_native_resolution_is_the_vae_decoding_of_the_unet_sample(tiny_sd_dir, tmp_path):
+    # Reference: decode a latent of the UNet's sample_size with the folder's own VAE and read the image size.
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from lcm_kit.loading import native_resolution
+
+    size = UNet2DConditionModel.load_config(tiny_sd_dir, subfolder="unet")["sample_size"]
+    vae = AutoencoderKL.from_pretrained(tiny_sd_dir, subfolder="vae")
+    with torch.no_grad():
+        image = vae.decode(torch.zeros(1, vae.config.latent_channels, size, size)).sample
+    assert native_resolution(tiny_sd_dir) == image.shape[-1]
+    with pytest.raises(ValueError, match="resolution is unknown"):
+        native_resolution(tmp_path)
