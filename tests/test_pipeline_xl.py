@@ -250,3 +250,39 @@ def test_bad_inputs_raise_before_any_model_runs(pipes, kwargs, value):
     with ModelCalls(pipe) as calls, pytest.raises(ValueError, match=re.escape(value)):
         pipe(**kwargs)
     assert calls.calls == 0
+
+
+def test_lcm_kit_lora_loads_completely_and_applies_its_sampling_contract(tiny_sdxl_dir, tmp_path):
+    # lcm_kit's LoRA file (kohya layout) with a sampling contract in its metadata, on the plain SDXL UNet.
+    from diffusers import UNet2DConditionModel
+
+    from lcm_kit import SamplingContract
+    from lcm_kit.lora import add_lcm_lora, save_lora
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
+    torch.manual_seed(0)
+    add_lcm_lora(unet, rank=4)
+    with torch.no_grad():  # a non-zero B, so the LoRA changes the images
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    contract = SamplingContract("pcm", 2, (999, 499), {"gamma": 0.0, "original_inference_steps": 50}, (1.0, 1.0))
+    save_lora(unet, tmp_path, metadata=contract.as_metadata())
+    pipe = _quiet(LCMXLPipeline.from_pretrained(tiny_sdxl_dir))
+    before, plain = pipe.scheduler, _run(pipe, prompt="a cat")
+    pipe.load_lora_weights(tmp_path)
+    def lora_modules(model):  # module paths, without the adapter's name
+        return sorted(n.replace(".default_0.", ".").replace(".default.", ".") for n, _ in model.named_parameters()
+                      if "lora_" in n)  # fmt: skip
+
+    assert lora_modules(pipe.unet) == lora_modules(unet)  # every tensor loaded
+    assert pipe.scheduler.config.sampling_contract == contract.to_dict()
+    default = _run(pipe, prompt="a cat")
+    assert pipe.scheduler.timesteps.tolist() == [999, 499] and not np.allclose(default, plain, atol=ATOL)
+    manual = LCMKitScheduler.from_config(before.config, gamma=0.0)
+    pipe.scheduler, contract_scheduler = manual, pipe.scheduler
+    np.testing.assert_allclose(default, _run(pipe, prompt="a cat", timesteps=[999, 499]), atol=1e-6)
+    pipe.scheduler = contract_scheduler
+    pipe.unload_lora_weights()
+    assert pipe.scheduler is before
+    np.testing.assert_allclose(_run(pipe, prompt="a cat"), plain, atol=1e-6)
