@@ -4,6 +4,7 @@ from .contract import SamplingContract
 from .edit import LCMEditPipeline
 from .guidance import Guidance
 from .pipeline import LCMPipeline
+from .pipeline_xl import LCMXLPipeline
 from .scheduler import LCMKitScheduler, LCMKitSchedulerOutput
 
 __all__ = [
@@ -12,5 +13,6 @@ __all__ = [
     "LCMKitScheduler",
     "LCMKitSchedulerOutput",
     "LCMPipeline",
+    "LCMXLPipeline",
     "SamplingContract",
 ]

@@ -115,12 +115,13 @@ def call_schedule(scheduler: Any, num_inference_steps: int | None, timesteps: li
     return contract.num_inference_steps, (list(contract.timesteps) if contract.timesteps is not None else None)
 
 
-class ContractLoraLoaderMixin(StableDiffusionLoraLoaderMixin):
-    """diffusers' SD LoRA loading, plus the sampling contract: a LoRA file written by the distiller carries one in
-    its metadata, and loading it sets the pipeline's ``LCMKitScheduler`` to the contract's values (grid, boundary
-    scalings, ``gamma``) and default steps. Assign ``pipe.scheduler`` or pass ``num_inference_steps`` /
-    ``timesteps`` afterwards to override it; :meth:`unload_lora_weights` restores the scheduler of before. Only local
-    files and folders are read for a contract (a hub id or a state dict loads without one)."""
+class ContractLoading:
+    """Adds the sampling contract to a diffusers LoRA loader mixin listed after it: a LoRA file written by the
+    distiller carries one in its metadata, and loading it sets the pipeline's ``LCMKitScheduler`` to the contract's
+    values (grid, boundary scalings, ``gamma``) and default steps. Assign ``pipe.scheduler`` or pass
+    ``num_inference_steps`` / ``timesteps`` afterwards to override it; :meth:`unload_lora_weights` restores the
+    scheduler of before. Only local files and folders are read for a contract (a hub id or a state dict loads
+    without one)."""
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, *args: Any, **kwargs: Any) -> None:
         super().load_lora_weights(pretrained_model_name_or_path_or_dict, *args, **kwargs)
@@ -140,3 +141,9 @@ class ContractLoraLoaderMixin(StableDiffusionLoraLoaderMixin):
         super().unload_lora_weights(*args, **kwargs)
         if getattr(self, "_scheduler_before_contract", None) is not None:
             self.scheduler, self._scheduler_before_contract = self._scheduler_before_contract, None
+
+
+class ContractLoraLoaderMixin(ContractLoading, StableDiffusionLoraLoaderMixin):
+    """diffusers' SD LoRA loading plus the sampling contract (:class:`ContractLoading`); ``LCMXLPipeline`` puts
+    :class:`ContractLoading` before ``StableDiffusionXLPipeline``'s SDXL loader the same way."""
+

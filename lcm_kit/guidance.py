@@ -11,6 +11,7 @@ the conditional pass alone. :meth:`Guidance.decide` makes that decision once, fr
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -115,6 +116,14 @@ class Guidance:
         if self.mode == "none":
             return f"at guidance_scale={self.scale} <= 1"
         return None
+
+    def warn_if_negative_unused(self, negative_given: bool, stacklevel: int = 2) -> None:
+        """Warns when a negative prompt (or its embeddings) was given but has no effect
+        (:meth:`negative_prompt_unused_reason`); ``stacklevel`` counts from the caller, as ``warnings.warn``'s."""
+        why = self.negative_prompt_unused_reason()
+        if why is not None and negative_given:
+            warnings.warn(f"negative_prompt has no effect {why}, and no unconditional pass is run",
+                          stacklevel=stacklevel + 1)  # fmt: skip
 
 
 __all__ = ["GUIDANCE_MODES", "Guidance", "GuidanceMode", "default_guidance_scale", "has_w_embedding"]

@@ -12,7 +12,6 @@ Noise is drawn in the same order as diffusers' LCM pipelines, so the same seed g
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -243,18 +242,15 @@ class LCMPipeline(
         denoised = self._denoise(state, guidance.w, generator, callback_on_step_end, cb_inputs)
         images, nsfw = U.decode_output(self, denoised, output_type, device, cond.dtype)
         self.maybe_free_model_hooks()
-        if not return_dict:
-            return images, nsfw
-        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)
+        output = StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)
+        return output if return_dict else (images, nsfw)
 
     # ---- steps of __call__ ------------------------------------------------------------------------------------------
     def _encode_text(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
                      guidance: G.Guidance, clip_skip, device) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
         """``(cond, uncond)`` embeddings ``(B * num_images_per_prompt, L, D)``; ``uncond`` is ``None`` unless CFG."""
         do_cfg = guidance.do_cfg
-        why = guidance.negative_prompt_unused_reason()
-        if why is not None and (negative_prompt is not None or negative_prompt_embeds is not None):
-            warnings.warn(f"negative_prompt has no effect {why}, and no unconditional pass is run", stacklevel=3)
+        guidance.warn_if_negative_unused(negative_prompt is not None or negative_prompt_embeds is not None, 3)
         if isinstance(prompt, list) and isinstance(negative_prompt, str):  # one negative prompt for all prompts
             negative_prompt = [negative_prompt] * len(prompt)
         lora_scale = (self._cross_attention_kwargs or {}).get("scale")
@@ -273,6 +269,8 @@ class LCMPipeline(
         kwargs = dict(
             timestep_cond=state["w_embedding"], cross_attention_kwargs=self._cross_attention_kwargs, return_dict=False
         )
+        if "add_time_ids" in state:  # LCMXLPipeline: SDXL's pooled text embeddings and size ids, batched as the call
+            kwargs["added_cond_kwargs"] = {"text_embeds": state["add_text_embeds"], "time_ids": state["add_time_ids"]}
         if uncond is None:
             return self.unet(self.scheduler.scale_model_input(latents, t), t, encoder_hidden_states=cond, **kwargs)[0]
         both = self.scheduler.scale_model_input(torch.cat([latents, latents]), t)

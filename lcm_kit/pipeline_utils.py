@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -110,23 +111,44 @@ def decode_output(
     vae = pipe.vae
     image = vae.decode(denoised.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
     image = project(image) if project is not None else image
-    image, nsfw = StableDiffusionPipeline.run_safety_checker(pipe, image, device, dtype)
+    nsfw = None  # SDXL pipelines have no safety checker
+    if getattr(pipe, "safety_checker", None) is not None:
+        image, nsfw = StableDiffusionPipeline.run_safety_checker(pipe, image, device, dtype)
     do_denormalize = None if nsfw is None else [not flagged for flagged in nsfw]
     images = pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
     return images, nsfw
 
 
-def write_stock_diffusers_index(save_directory: str | os.PathLike, has_w_embedding: bool) -> None:
+@contextmanager
+def vae_upcast(vae: AutoencoderKL) -> Iterator[None]:
+    """Runs the block with an fp16 VAE whose config sets ``force_upcast`` in fp32, then puts it back in fp16.
+
+    diffusers' SDXL rule (its pipelines cast the VAE, encode or decode, and cast back): SDXL's VAE overflows in fp16.
+    Here the fp16 weights come back even when the block raises.
+    """
+    upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        yield
+    finally:
+        if upcast:
+            vae.to(torch.float16)
+
+
+def write_stock_diffusers_index(save_directory: str | os.PathLike, has_w_embedding: bool,
+                                class_name: str | None = None) -> None:  # fmt: skip
     """Rewrites the class names of a saved ``LCMPipeline`` folder so stock diffusers loads it without lcm_kit.
 
-    ``model_index.json`` gets ``_class_name`` ``LatentConsistencyModelPipeline`` (if ``has_w_embedding``) or
-    ``StableDiffusionPipeline``, and ``["diffusers", "LCMScheduler"]`` for the scheduler; the scheduler config's
-    ``_class_name`` becomes ``LCMScheduler``. All other keys are kept.
+    ``model_index.json`` gets ``_class_name`` ``class_name`` if given, else ``LatentConsistencyModelPipeline`` (if
+    ``has_w_embedding``) or ``StableDiffusionPipeline``, and ``["diffusers", "LCMScheduler"]`` for the scheduler;
+    the scheduler config's ``_class_name`` becomes ``LCMScheduler``. All other keys are kept.
     """
     root = Path(save_directory)
     index_path, sched_path = root / "model_index.json", root / "scheduler" / "scheduler_config.json"
     index = json.loads(index_path.read_text(encoding="utf-8"))
-    index["_class_name"] = "LatentConsistencyModelPipeline" if has_w_embedding else "StableDiffusionPipeline"
+    sd_name = "LatentConsistencyModelPipeline" if has_w_embedding else "StableDiffusionPipeline"
+    index["_class_name"] = class_name or sd_name
     index["scheduler"] = ["diffusers", "LCMScheduler"]
     write_json(index_path, index)
     sched = json.loads(sched_path.read_text(encoding="utf-8"))

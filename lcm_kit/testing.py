@@ -61,6 +61,41 @@ def tiny_unet_config(
     )
 
 
+def tiny_vae(latent_size: int, **config):
+    """A small random ``AutoencoderKL``, factor 2, 4 latent channels (``config`` adds keys, e.g. SDXL's)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=latent_size * 2,
+        **config,
+    )
+
+
+def tiny_text_config(tokenizer, width: int, **config):
+    """A two-layer ``CLIPTextConfig`` of ``width`` over ``tokenizer``'s vocabulary (``config`` adds keys)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **config,
+    )
+
+
 def build_tiny_sd(
     time_cond_proj_dim: int | None = None,
     prediction_type: str = "epsilon",
@@ -81,8 +116,8 @@ def build_tiny_sd(
     """
     import tempfile
 
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     tokenizer = write_byte_clip_tokenizer(tokenizer_dir or tempfile.mkdtemp(prefix="lcm_kit_tok_"))
     cross_dim = 16
@@ -90,29 +125,8 @@ def build_tiny_sd(
     unet = UNet2DConditionModel(
         **tiny_unet_config(unet_block_out_channels, latent_size, cross_dim, time_cond_proj_dim)
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=latent_size * 2,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=cross_dim,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    vae = tiny_vae(latent_size)
+    text_encoder = CLIPTextModel(tiny_text_config(tokenizer, cross_dim))
     scheduler = PNDMScheduler(**SD15_SCHEDULER_CONFIG, prediction_type=prediction_type)
     return dict(
         unet=unet.eval(),
@@ -152,3 +166,64 @@ def synthetic_blobs(n: int, seed: int) -> torch.Tensor:
     mask = ((yy - centre[:, :1, None]) ** 2 + (xx - centre[:, 1:, None]) ** 2) < radius[:, None, None] ** 2
     colour = torch.rand(n, 3, generator=g)
     return torch.where(mask[:, None], colour[:, :, None, None], torch.ones(1))
+
+
+SDXL_EULER_KEYS = ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "steps_offset")
+# SDXL base's scheduler_config.json (EulerDiscreteScheduler), the keys Euler takes as arguments
+SDXL_SCHEDULER_CONFIG = {k: SD15_SCHEDULER_CONFIG[k] for k in SDXL_EULER_KEYS} | {"timestep_spacing": "leading"}
+
+
+def build_tiny_sdxl(time_cond_proj_dim: int | None = None, latent_size: int = 8, seed: int = 0,
+                    tokenizer_dir: str | os.PathLike | None = None) -> dict:  # fmt: skip
+    """Builds the components of a tiny SDXL pipeline (random weights, VAE factor 2) as a dict of modules.
+
+    SDXL's shape in miniature: a ``CLIPTextModel`` (width 16) and a ``CLIPTextModelWithProjection`` (width 16,
+    projection 8), two layers each (SDXL reads the penultimate one); the UNet cross-attends to both, concatenated
+    (32), and takes ``addition_embed_type="text_time"``: the pooled embedding (8) plus 6 time ids of 8 dims each.
+
+    Args:
+        time_cond_proj_dim: Give the UNet a guidance-scale embedding of this width (an LCM-SDXL UNet), or none.
+        latent_size: UNet ``sample_size`` (images are twice as large).
+        seed: Seed of the random initialisation.
+        tokenizer_dir: Where to write the (shared) byte-level tokenizer files (a temp folder if omitted).
+    """
+    import tempfile
+
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = write_byte_clip_tokenizer(tokenizer_dir or tempfile.mkdtemp(prefix="lcm_kit_tok_"))
+    width, projection_dim, time_embed_dim = 16, 8, 8
+    torch.manual_seed(seed)
+    unet_config = tiny_unet_config((8, 16), latent_size, 2 * width, time_cond_proj_dim)
+    unet = UNet2DConditionModel(
+        **unet_config, addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + projection_dim, use_linear_projection=True,
+    )  # fmt: skip
+    vae = tiny_vae(latent_size, scaling_factor=0.13025, force_upcast=True)  # SDXL's VAE scaling and upcast flag
+    text_config = tiny_text_config(tokenizer, width, projection_dim=projection_dim)
+    scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG)
+    scheduler.register_to_config(set_alpha_to_one=False)  # in SDXL base's file, not an Euler argument
+    return dict(
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=CLIPTextModel(text_config).eval(),
+        text_encoder_2=CLIPTextModelWithProjection(text_config).eval(),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        scheduler=scheduler,
+    )
+
+
+def save_tiny_sdxl_folder(path: str | os.PathLike, **kwargs) -> Path:
+    """Builds a tiny SDXL pipeline (see :func:`build_tiny_sdxl`) and saves it as a ``StableDiffusionXLPipeline``
+    folder at ``path`` (Euler scheduler, as SDXL base ships)."""
+    import tempfile
+
+    from diffusers import StableDiffusionXLPipeline
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory(prefix="lcm_kit_tok_") as tok_dir:
+        pipe = StableDiffusionXLPipeline(**build_tiny_sdxl(tokenizer_dir=tok_dir, **kwargs), add_watermarker=False)
+        pipe.save_pretrained(path, safe_serialization=True)
+    return path

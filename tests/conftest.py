@@ -26,3 +26,19 @@ def tiny_sd_dir(tmp_path_factory):
 def tiny_lcm_dir(tmp_path_factory):
     """An SD1.x folder whose UNet has a guidance-scale embedding (``time_cond_proj_dim=32``), like an LCM."""
     return save_tiny_sd_folder(tmp_path_factory.mktemp("tiny_lcm"), time_cond_proj_dim=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """A plain SDXL folder (two text encoders, ``text_time`` UNet, Euler scheduler as SDXL base ships)."""
+    from lcm_kit.testing import save_tiny_sdxl_folder
+
+    return save_tiny_sdxl_folder(tmp_path_factory.mktemp("tiny_sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_lcm_sdxl_dir(tmp_path_factory):
+    """An SDXL folder whose UNet has a guidance-scale embedding (``time_cond_proj_dim=32``), like LCM-SDXL."""
+    from lcm_kit.testing import save_tiny_sdxl_folder
+
+    return save_tiny_sdxl_folder(tmp_path_factory.mktemp("tiny_lcm_sdxl"), time_cond_proj_dim=32)
