@@ -17,8 +17,9 @@ from typing import Any
 from .pipeline_utils import HUB_KWARGS
 
 SUPPORTED = (
-    "lcm_kit supports SD 1.x/2.x-style folders with one CLIP text encoder (model_index.json with vae, text_encoder, "
-    "tokenizer, unet, scheduler); SDXL support is planned as LCMXLPipeline"
+    "LCMPipeline and the distiller take SD 1.x/2.x-style folders with one CLIP text encoder (model_index.json with "
+    "vae, text_encoder, tokenizer, unet, scheduler); sample SDXL folders with lcm_kit.LCMXLPipeline (SDXL "
+    "distillation is not supported yet)"
 )
 # model_index.json components an SD 1.x/2.x folder (or one LCMPipeline saved) may list.
 SD_COMPONENTS = frozenset(
@@ -136,27 +137,54 @@ def load_checked(cls, path: str | os.PathLike, subfolder: str, **kwargs: Any):
     return model
 
 
-def checked_pipeline_kwargs(path: str | os.PathLike, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``kwargs`` of ``DiffusionPipeline.from_pretrained(path, **kwargs)`` with the folder checked and its UNet, VAE
-    and CLIP text encoder loaded by :func:`load_checked` (those the caller did not pass).
+def check_sdxl(path: str | os.PathLike, hub_kwargs: dict[str, Any]) -> dict:
+    """Raises ``ValueError`` if the UNet config of ``path`` has no SDXL ``text_time`` embedding (an SD 1.x/2.x
+    folder: use ``LCMPipeline``); reads only JSON files. Returns the folder's ``model_index.json`` (``{}`` if none).
+    A folder without ``unet/config.json`` is left to diffusers' own error."""
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+    config = _read_config(UNet2DConditionModel, path, "unet", hub_kwargs)
+    if config and (embed := config.get("addition_embed_type")) != "text_time":
+        raise ValueError(
+            f"{str(path)!r} is not an SDXL folder: its UNet has addition_embed_type={embed!r} (SDXL's is "
+            "'text_time'). Load SD 1.x/2.x folders with lcm_kit.LCMPipeline"
+        )
+    return _read_config(DiffusionPipeline, path, None, hub_kwargs)
+
+
+def checked_pipeline_kwargs(path: str | os.PathLike, kwargs: dict[str, Any], sdxl: bool = False) -> dict[str, Any]:
+    """``kwargs`` of ``DiffusionPipeline.from_pretrained(path, **kwargs)`` with the folder checked
+    (:func:`check_supported`, or :func:`check_sdxl` when ``sdxl``), its UNet, VAE and CLIP text encoder(s) loaded by
+    :func:`load_checked` (those the caller did not pass), and, unless ``scheduler=`` is passed, an
+    :class:`~lcm_kit.scheduler.LCMKitScheduler` built with ``from_config`` from the folder's scheduler config (DDPM,
+    PNDM, DDIM, Euler, LCM ...: betas, ``prediction_type`` and ``set_alpha_to_one`` carry over, and so do
+    ``sigma_data`` / ``gamma`` of a folder lcm_kit saved).
 
     A component whose ``model_index.json`` class differs (e.g. an ``AutoencoderTiny``), and every component when
     ``device_map`` / ``quantization_config`` / ``dduf_file`` is given, is left to diffusers' own loading.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from .scheduler import LCMKitScheduler
 
     hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
-    index = check_supported(path, hub_kwargs=hub_kwargs)
-    if any(k in kwargs for k in PIPELINE_ONLY_KWARGS):
-        return kwargs
-    common = {k: kwargs[k] for k in COMPONENT_KWARGS if k in kwargs}
+    index = check_sdxl(path, hub_kwargs) if sdxl else check_supported(path, hub_kwargs=hub_kwargs)
     out = dict(kwargs)
-    for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel)):
+    if out.get("scheduler") is None:
+        config = LCMKitScheduler.load_config(path, subfolder="scheduler", **hub_kwargs)
+        out["scheduler"] = LCMKitScheduler.from_config(config)
+    if any(k in kwargs for k in PIPELINE_ONLY_KWARGS):
+        return out
+    common = {k: kwargs[k] for k in COMPONENT_KWARGS if k in kwargs}
+    components = [("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel)]
+    if sdxl:
+        components.append(("text_encoder_2", CLIPTextModelWithProjection))
+    for name, cls in components:
         if name in kwargs or list(index.get(name) or ())[-1:] != [cls.__name__]:
             continue
         dtype = _component_dtype(kwargs.get("torch_dtype"), name)
-        dtype_kwarg = {} if dtype is None else {"dtype" if name == "text_encoder" else "torch_dtype": dtype}
+        dtype_kwarg = {} if dtype is None else {"dtype" if name.startswith("text_") else "torch_dtype": dtype}
         out[name] = load_checked(cls, path, name, **common, **dtype_kwarg)
     return out
 
@@ -169,7 +197,10 @@ def _component_dtype(torch_dtype, name: str):
     return torch_dtype
 
 
-__all__ = ["check_supported", "checked_pipeline_kwargs", "load_checked", "loading_error", "unsupported_reasons"]
+__all__ = [
+    "check_sdxl", "check_supported", "checked_pipeline_kwargs", "load_checked", "loading_error", "native_resolution",
+    "unsupported_reasons",
+]
 
 
 def native_resolution(path: str | os.PathLike) -> int:

@@ -106,10 +106,6 @@ class LCMPipeline(
         keyword arguments are those of ``DiffusionPipeline.from_pretrained``. :mod:`lcm_kit.loading` checks the folder.
         """
         kwargs = checked_pipeline_kwargs(pretrained_model_name_or_path, kwargs)
-        if kwargs.get("scheduler") is None:
-            hub_kwargs = {k: kwargs[k] for k in U.HUB_KWARGS if k in kwargs}
-            config = LCMKitScheduler.load_config(pretrained_model_name_or_path, subfolder="scheduler", **hub_kwargs)
-            kwargs["scheduler"] = LCMKitScheduler.from_config(config)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs: Any):

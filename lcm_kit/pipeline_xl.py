@@ -36,6 +36,7 @@ from . import pipeline_inputs as inputs
 from . import pipeline_utils as U
 from . import pipeline_xl_inputs as xl_inputs
 from .contract import ContractLoading, call_schedule
+from .loading import checked_pipeline_kwargs
 from .pipeline import LCMPipeline, OutputType
 from .scheduler import LCMKitScheduler
 
@@ -91,14 +92,11 @@ class LCMXLPipeline(ContractLoading, StableDiffusionXLPipeline):
         :meth:`LCMPipeline.from_pretrained` (the folder's Euler config read into an :class:`LCMKitScheduler`).
 
         Raises:
-            ValueError: If the folder is not an SDXL folder (an SD 1.x/2.x one: use ``LCMPipeline``); read from its
-                JSON configs before any weights load.
+            ValueError: If the folder is not an SDXL folder (an SD 1.x/2.x one: use ``LCMPipeline``), read from its
+                JSON configs before any weights load; or if a UNet, VAE or text encoder weight does not load
+                (:mod:`lcm_kit.loading`).
         """
-        hub_kwargs = {k: kwargs[k] for k in U.HUB_KWARGS if k in kwargs}
-        xl_inputs.check_sdxl_folder(pretrained_model_name_or_path, hub_kwargs)
-        if kwargs.get("scheduler") is None:
-            config = LCMKitScheduler.load_config(pretrained_model_name_or_path, subfolder="scheduler", **hub_kwargs)
-            kwargs["scheduler"] = LCMKitScheduler.from_config(config)
+        kwargs = checked_pipeline_kwargs(pretrained_model_name_or_path, kwargs, sdxl=True)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs: Any):

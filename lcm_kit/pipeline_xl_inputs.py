@@ -5,29 +5,9 @@ The arguments shared with :class:`lcm_kit.LCMPipeline` are checked by :mod:`lcm_
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
-
-
-def check_sdxl_folder(path: str | os.PathLike, hub_kwargs: dict[str, Any]) -> None:
-    """Raises ``ValueError`` if the UNet config of the folder ``path`` has no SDXL ``text_time`` embedding.
-
-    Only ``unet/config.json`` is read. A folder without one is left to diffusers' own error.
-    """
-    from diffusers import UNet2DConditionModel
-
-    try:
-        config = UNet2DConditionModel.load_config(path, subfolder="unet", **hub_kwargs)
-    except OSError:
-        return
-    embed = config.get("addition_embed_type")
-    if embed != "text_time":
-        raise ValueError(
-            f"{str(path)!r} is not an SDXL folder: its UNet has addition_embed_type={embed!r} (SDXL's is "
-            "'text_time'). Load SD 1.x/2.x folders with lcm_kit.LCMPipeline"
-        )
 
 
 def check_xl_args(prompt_2: Any, negative_prompt_2: Any, prompt_embeds: torch.Tensor | None,
@@ -53,4 +33,4 @@ def check_xl_args(prompt_2: Any, negative_prompt_2: Any, prompt_embeds: torch.Te
             raise ValueError(f"{pooled_name} must be a tensor ({embeds.shape[0]}, projection_dim), got {shape}")
 
 
-__all__ = ["check_sdxl_folder", "check_xl_args"]
+__all__ = ["check_xl_args"]

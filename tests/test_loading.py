@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from lcm_kit import LCMPipeline
 from lcm_kit.distill.networks import load_teacher
-from lcm_kit.testing import build_tiny_sd, tiny_unet_config, write_byte_clip_tokenizer
+from lcm_kit.testing import tiny_unet_config
 
 WEIGHT_FILES = {"text_encoder": "model.safetensors", "unet": "diffusion_pytorch_model.safetensors"}
 DAMAGE = {  # how a state dict is damaged, and a weight name the error must show
@@ -76,32 +76,8 @@ def test_complete_folder_loads_with_the_requested_dtypes(tiny_sd_dir):
         assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k].to(ours[k].dtype)) for k in ref)
 
 
-def save_tiny_sdxl_folder(path):
-    """A tiny SDXL folder (two CLIP text encoders, a ``text_time`` UNet) that stock diffusers loads and runs."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    sd = build_tiny_sd(tokenizer_dir=path / "tok1")
-    tokenizer_2 = write_byte_clip_tokenizer(path / "tok2")
-    te2_config = CLIPTextConfig(
-        vocab_size=len(tokenizer_2), hidden_size=16, intermediate_size=32, projection_dim=16, num_hidden_layers=2,
-        num_attention_heads=2, eos_token_id=tokenizer_2.eos_token_id,
-    )  # fmt: skip
-    unet = UNet2DConditionModel(**{
-        **tiny_unet_config(cross_attention_dim=16 + 16), "addition_embed_type": "text_time",
-        "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 6 * 8 + 16,
-    })  # fmt: skip
-    pipe = StableDiffusionXLPipeline(
-        vae=sd["vae"], text_encoder=sd["text_encoder"], tokenizer=sd["tokenizer"], unet=unet,
-        text_encoder_2=CLIPTextModelWithProjection(te2_config), tokenizer_2=tokenizer_2,
-        scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
-    )  # fmt: skip
-    pipe.save_pretrained(path / "sdxl")
-    return path / "sdxl"
-
-
-def test_sdxl_folder_is_refused_by_pipeline_and_teacher(tmp_path):
-    folder = save_tiny_sdxl_folder(tmp_path)
+def test_sdxl_folder_is_refused_by_pipeline_and_teacher(tiny_sdxl_dir):
+    folder = tiny_sdxl_dir
     with pytest.raises(ValueError, match=r"text_encoder_2.*text_time.*SD 1\.x/2\.x.*LCMXLPipeline"):
         LCMPipeline.from_pretrained(folder)
     with pytest.raises(ValueError, match=r"--pretrained_teacher_model .*StableDiffusionXLPipeline"):
@@ -120,7 +96,8 @@ def test_text_time_unet_is_refused_before_any_weights_are_read(tmp_path, tiny_sd
     for weights in folder.rglob("*.safetensors"):
         weights.unlink()  # a check that needs weights would fail with OSError instead
     for load in (lambda: LCMPipeline.from_pretrained(folder), lambda: load_teacher(str(folder), "cpu", torch.float32)):
-        with pytest.raises(ValueError, match=r"addition_embed_type='text_time'.*SDXL support is planned"):
+        match = r"addition_embed_type='text_time'.*sample SDXL folders with lcm_kit.LCMXLPipeline"
+        with pytest.raises(ValueError, match=match):
             load()
 
 
@@ -137,3 +114,19 @@ def test_native_resolution_is_the_vae_decoding_of_the_unet_sample(tiny_sd_dir, t
     assert native_resolution(tiny_sd_dir) == image.shape[-1]
     with pytest.raises(ValueError, match="resolution is unknown"):
         native_resolution(tmp_path)
+
+
+@pytest.mark.parametrize("component, file", [("text_encoder_2", "model.safetensors"),
+                                             ("unet", "diffusion_pytorch_model.safetensors")])  # fmt: skip
+def test_sdxl_pipeline_fails_on_incomplete_weights(tmp_path, tiny_sdxl_dir, component, file):
+    from lcm_kit import LCMXLPipeline
+
+    folder = tmp_path / "sdxl"
+    shutil.copytree(tiny_sdxl_dir, folder)
+    sd = load_file(folder / component / file)
+    key = sorted(sd)[-1]
+    save_file({n: t for n, t in sd.items() if n != key}, folder / component / file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=re.escape(str(folder / component))) as err:
+        LCMXLPipeline.from_pretrained(folder)
+    assert key in str(err.value)
+    assert isinstance(LCMXLPipeline.from_pretrained(tiny_sdxl_dir), LCMXLPipeline)  # the complete folder loads
