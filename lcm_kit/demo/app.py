@@ -25,6 +25,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # never phone home (
 DISPLAY_SIZE = 256  # outputs are shown enlarged, pixel for pixel (nearest neighbour)
 CANVAS_SIZE = 256  # the drawing canvas, resized to the model's size per frame
 DEFAULT_PROMPT = "red apple"
+BRUSH_COLORS = ("#000000", "#e53935", "#fb8c00", "#fdd835", "#43a047", "#1e88e5", "#8d6e63")
 
 
 @dataclass
@@ -102,6 +103,11 @@ def _tab(gr: Any, name: str, make_editor: Callable[[], Any] | None, strength: bo
     return editor, inputs, outputs
 
 
+def _brush(gr: Any) -> Any:
+    """A thick brush in a few emoji colours (Gradio's sketchpad default is a fixed black pen)."""
+    return gr.Brush(default_size=14, colors=list(BRUSH_COLORS), default_color=BRUSH_COLORS[1], color_mode="defaults")
+
+
 def build_app(session: Session, status: str) -> Any:
     """The page: three tabs over one :class:`Session`, and ``status`` (the load result) at the top."""
     import gradio as gr
@@ -112,7 +118,8 @@ def build_app(session: Session, status: str) -> Any:
         with gr.Tab("Sketch"):
             _tab(gr, "sketch", lambda: gr.Sketchpad(
                 type="pil", image_mode="RGBA", canvas_size=(CANVAS_SIZE, CANVAS_SIZE), format="png", label="Canvas",
-                elem_id="sketch-canvas", layers=False, transforms=()), True, lambda *a: sketch_frame(session, *a))
+                elem_id="sketch-canvas", layers=False, transforms=(), brush=_brush(gr)), True,
+                lambda *a: sketch_frame(session, *a))  # fmt: skip
         with gr.Tab("Text to image"):
             _, text_inputs, text_outputs = _tab(gr, "text", None, False, lambda *a: text_frame(session, *a))
         with gr.Tab("Inpainting"):
