@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from lcm_kit import LCMEditPipeline
 from lcm_kit.demo import FrameEngine, inpaint_inputs, sketch_image
 from lcm_kit.demo.app import Session, sketch_frame, text_frame
 
@@ -37,8 +38,9 @@ def _pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
 
 
-def test_frames_equal_the_pipeline_called_directly(engine):
-    pipe, size = engine.pipe, engine.size
+def test_frames_equal_the_pipeline_called_directly(engine, tiny_lcm_dir):
+    pipe, size = LCMEditPipeline.from_pretrained(tiny_lcm_dir), engine.size  # not the engine's (FramePipeline)
+    pipe.set_progress_bar_config(disable=True)
     sketch = sketch_image({"composite": _stroke()}, size)
     expected = pipe(PROMPT, image=sketch, strength=0.6, num_inference_steps=3, guidance_scale=3.0,
                     generator=torch.Generator().manual_seed(5)).images[0]  # fmt: skip
@@ -62,6 +64,7 @@ def test_prompt_is_encoded_once_and_nothing_is_rebuilt(engine):
         hook.remove()
     assert len(calls) == 1
     assert engine.pipe.scheduler is scheduler
+    assert engine.pipe.__dict__["_fixed_device"] == torch.device("cpu")  # looked up once, then kept
 
 
 def test_sketch_changes_the_frame(engine):
