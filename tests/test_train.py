@@ -247,10 +247,12 @@ def test_dry_run_and_latent_cache(tmp_path, tiny_sd_dir, images, capsys):
     plan = capsys.readouterr().out
     assert "[plan] mode=lora" in plan and "6 samples (1 skipped)" in plan and "nothing trained" in plan
     assert not (out / "pytorch_lora_weights.safetensors").exists() and not list(out.glob("checkpoint-*"))
-    (cache_file,) = cache.glob("lcm_cache-*.safetensors")
-    mtime = cache_file.stat().st_mtime_ns
+    (folder,) = cache.glob("lcm_cache-*")
+    assert "[data] latent cache" in plan and "6 samples" in plan and "KiB/sample" in plan  # size reported
+    mtimes = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
     assert main(base_args(tiny_sd_dir, images, out, 2, *extra)) == 0  # trains from the cache, reused unchanged
-    assert cache_file.stat().st_mtime_ns == mtime and (out / "pytorch_lora_weights.safetensors").is_file()
+    assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == mtimes
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_webdataset_shards_train(tmp_path, tiny_sd_dir, images):
