@@ -244,3 +244,19 @@ def test_fp16_cache_halves_the_size_and_barely_moves_the_loss(tmp_path, tiny_sd_
     assert not torch.equal(half["prompt_embeds"].float(), full["prompt_embeds"])
     assert all(torch.equal(half[k], full[k].half()) for k in full if k != "source_index")
     assert abs(losses["fp16"] - losses["fp32"]) < 1e-3 * losses["fp32"]
+
+
+@pytest.mark.slow
+def test_two_process_build_equals_one_process_build(tmp_path, tiny_sd_dir, encoders):
+    # accelerate launch with 2 CPU ranks: each encodes every other shard, rank 0 writes the index, both train on it
+    from test_train import base_args, two_process_digests
+
+    images, out = make_image_folder(tmp_path / "imgs", n=6, corrupt=1), tmp_path / "out"
+    extra = ("--cache_dir", str(tmp_path / "two"), "--center_crop", "--random_flip", "--cache_shard_size", "2")
+    d0, d1 = two_process_digests(out, base_args(tiny_sd_dir, images, out, 2, *extra))
+    log = (out / "launch.log").read_text()
+    assert d0 == d1 and "encoding the latent cache [0/2]" in log and "encoding the latent cache [1/2]" in log
+    cfg = cache_config(images, tmp_path / "one", random_flip=True, cache_shard_size=2)
+    _, _, path = cached_latents(cfg, tiny_sd_dir, open_source(cfg), *encoders)
+    assert len(list(path.glob("shard-*"))) == 4  # 7 rows (one corrupt), 2 per shard: ranks 0 and 1 wrote 2 each
+    assert folder_bytes(tmp_path / "two" / path.name) == folder_bytes(path)

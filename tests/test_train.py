@@ -330,6 +330,7 @@ def two_process_digests(out: Path, argv: list[str]) -> tuple[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    (out / "launch.log").write_text(proc.stdout + proc.stderr)
     assert "x 2 process(es)" in (out / "README.md").read_text()  # really two data-parallel ranks
     d0, d1 = ((out / f"debug_params_rank{r}.txt").read_text() for r in (0, 1))
     return d0, d1
