@@ -150,13 +150,15 @@ def _n_rows(config: DataConfig, source) -> int:
     return len(source) if config.max_train_samples is None else min(config.max_train_samples, len(source))
 
 
-def _drop_damaged(folder: Path, key: str) -> None:
+def _drop_damaged(folder: Path, key: str, cache_dir: str) -> None:
     """Removes temp files of a killed build, and shards that differ from the index (with the index: it is written
-    again once they are rebuilt)."""
+    again once they are rebuilt). ``ValueError`` if there is something to repair and ``cache_dir`` is read-only."""
     for tmp in folder.glob(".*.tmp"):
         tmp.unlink(missing_ok=True)
     index = CS.read_index(folder, key)
     bad = CS.corrupt_shards(folder, index) if index is not None else []
+    if bad:
+        check_writable(cache_dir, "cache_dir")
     for k in bad:
         CS.shard_path(folder, k).unlink(missing_ok=True)
     if bad or (index is None and (folder / CS.INDEX_NAME).exists()):
@@ -180,7 +182,7 @@ def cached_latents(
     folder = cache_path(config, teacher_dir, source)
     key = folder.name
     if ctx.rank == 0:
-        _drop_damaged(folder, key)
+        _drop_damaged(folder, key, config.cache_dir)
     ctx.barrier()
     complete = (folder / CS.INDEX_NAME).is_file()
     if not complete:

@@ -76,6 +76,20 @@ def test_cache_round_trip(tmp_path, tiny_sd_dir, encoders):
         assert cache_path(cache_config(folder, tmp_path / "cache", **change), tiny_sd_dir, open_source(cfg)) != path
 
 
+
+def test_shards_without_a_valid_sample_and_an_all_corrupt_data_set(tmp_path, tiny_sd_dir, encoders):
+    folder = make_image_folder(tmp_path / "imgs", n=3, corrupt=2)  # rows 3 and 4 corrupt: shard 2 has no sample
+    cfg = cache_config(folder, tmp_path / "cache")
+    cache, skipped, path = cached_latents(cfg, tiny_sd_dir, open_source(cfg), *encoders)
+    assert len(cache) == 3 and skipped == 2 and len(list(path.glob("shard-*"))) == 3
+    before = stamps(path)
+    (path / INDEX_NAME).unlink()  # killed before the index: the empty shard counts as written, nothing re-encoded
+    assert cached_latents(cfg, tiny_sd_dir, open_source(cfg), None, None, None)[0].index.files == cache.index.files
+    assert stamps(path) == before
+    bad = cache_config(make_image_folder(tmp_path / "bad", n=0, corrupt=2), tmp_path / "cache")
+    with pytest.raises(ValueError, match="the training dataset is empty: 2 sample"):
+        cached_latents(bad, tiny_sd_dir, open_source(bad), *encoders)
+
 def _rewrite_keeping_size_and_mtime(path: Path, data: bytes) -> None:
     """Replaces a file's bytes; same size and mtime (what rsync -t / tar / cp -p replacements look like)."""
     st = path.stat()
