@@ -5,14 +5,15 @@ encoder has SD1.5's caption-embedding size (77 x 768, so one fp32 embedding is 2
 measurement runs in a fresh subprocess, so its peak RSS (``VmHWM``, everything the process touched: torch's
 allocations and the pages of memory-mapped shards it read) is its own. Reported:
 
-* ``build``: peak RSS of a 1-process cache build, its throughput (images/s) and the disk bytes per sample;
+* ``build``: peak RSS of a fresh 1-process cache build, its throughput (images/s, content hashing included) and the
+  disk bytes per sample (fp32 at every size, fp16 at the first);
 * ``train``: peak RSS of 20 training steps (``train/distill_lora.py``, batch 8) reading that cache;
 * ``2 procs``: the same build under ``accelerate launch`` with 2 CPU processes (gloo), throughput;
 * step time: loading one batch of 8 and turning it into latents + embeddings (data), then the teacher UNet's forward
   and backward on it (a training step's UNet work), interleaved rounds, for the sharded cache (memory-mapped rows),
   the whole cache loaded in RAM (the one-file cache before issue 15) and encoding on the fly (no cache); medians.
 
-    python bench/cache_scale.py --sizes 1000,4000,16000      # the table in bench/README.md
+    python bench/cache_scale.py --sizes 1000,4000,16000 --parallel_size 4000   # the table in bench/README.md
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -160,6 +162,12 @@ def _run(args: list[str], launch: bool = False) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def build(teacher: Path, images: Path, cache_dir: Path, dtype: str, launch: bool = False) -> dict:
+    """A fresh build (any cache left by an earlier run is removed first) in a child process."""
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    return _run(["build", teacher, images, cache_dir, dtype], launch)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="1000,4000,16000")
@@ -185,17 +193,19 @@ def main() -> None:
         save_tiny_sd_folder(teacher, cross_attention_dim=768)
     print("| images | build peak RSS | train (20 steps) peak RSS | build img/s | bytes/sample (fp32, fp16) |")
     print("|---:|---:|---:|---:|---:|")
-    for n in map(int, a.sizes.split(",")):
+    sizes = [int(x) for x in a.sizes.split(",")]
+    for n in sizes:
         images = make_images(work / f"images-{n}", n)
-        b = _run(["build", teacher, images, work / f"cache-{n}", "fp32"])
-        h = _run(["build", teacher, images, work / f"cache16-{n}", "fp16"])
+        b = build(teacher, images, work / f"cache-{n}", "fp32")
+        h = build(teacher, images, work / f"cache16-{n}", "fp16") if n == sizes[0] else None  # same per sample
         tr = _run(["train", teacher, images, work / f"cache-{n}", work / f"out-{n}"])
+        half = f", {h['bytes'] / h['n'] / 1024:.1f} KiB" if h else ""
         print(f"| {n} | {b['peak_mb']:.0f} MiB | {tr['peak_mb']:.0f} MiB | {b['n'] / b['seconds']:.0f} | "
-              f"{b['bytes'] / b['n'] / 1024:.1f} KiB, {h['bytes'] / h['n'] / 1024:.1f} KiB |", flush=True)  # fmt: skip
+              f"{b['bytes'] / b['n'] / 1024:.1f} KiB{half} |", flush=True)  # fmt: skip
     n = a.parallel_size
     images = make_images(work / f"images-{n}", n)
-    one = _run(["build", teacher, images, work / f"par1-{n}", "fp32"])
-    two = _run(["build", teacher, images, work / f"par2-{n}", "fp32"], launch=True)
+    one = build(teacher, images, work / f"par1-{n}", "fp32")
+    two = build(teacher, images, work / f"par2-{n}", "fp32", launch=True)
     r1, r2 = one["n"] / one["seconds"], two["n"] / two["seconds"]
     print(f"\nbuild of {n} images: 1 process {r1:.0f} img/s, 2 processes {r2:.0f} img/s ({r2 / r1:.2f}x)")
     n = int(a.sizes.split(",")[0])  # built above
