@@ -35,9 +35,8 @@ def check_writable(folder: str | os.PathLike, argument: str = "output_dir") -> N
     """Creates ``folder`` and probes it with a file; ``ValueError`` naming ``argument`` if it cannot be written."""
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        probe = Path(folder) / ".write_probe"
-        probe.write_text("ok")
-        probe.unlink()
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_probe-"):  # unique: processes probe at once
+            pass
     except OSError as err:
         raise ValueError(f"{argument} {str(folder)!r} is not writable: {err}") from err
 

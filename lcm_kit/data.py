@@ -20,9 +20,10 @@ Transforms (no torchvision): resize the short side to ``resolution`` (bilinear, 
 random crop to a square, optional horizontal flip (p = 0.5), scale to ``[-1, 1]``. Random choices come from a
 generator seeded by ``(seed, epoch, index)``, so they do not depend on worker count and repeat exactly on resume.
 
-The cache (:mod:`lcm_kit.latent_cache`) stores VAE posterior mean and std, both times ``scaling_factor``, and the
-text-encoder hidden states of each caption, so training draws a fresh latent sample ``mean + std * eps`` each time
-(what ``latent_dist.sample()`` does) without running the VAE or the text encoder.
+The cache (:mod:`lcm_kit.latent_cache`, shards on disk read through a memory map) stores VAE posterior mean and
+std, both times ``scaling_factor``, and the text-encoder hidden states of each caption, so training draws a fresh
+latent sample ``mean + std * eps`` each time (what ``latent_dist.sample()`` does) without running the VAE or the
+text encoder.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -74,6 +75,10 @@ class DataConfig:
         default=None,
         metadata={"help": "Precompute VAE latents + text embeddings into this folder once and reuse them."},
     )
+    cache_dtype: Literal["fp32", "fp16", "bf16"] = field(
+        default="fp32", metadata={"help": "dtype of the cached latent moments and text embeddings (read as fp32)."}
+    )
+    cache_shard_size: int = field(default=256, metadata={"help": "Samples per latent cache shard file."})
 
     def __post_init__(self):
         sources = [s for s in (self.train_data_dir, self.dataset_name, self.train_shards) if s]
@@ -89,6 +94,10 @@ class DataConfig:
             raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
         if self.max_train_samples is not None and self.max_train_samples <= 0:
             raise ValueError(f"max_train_samples must be > 0, got {self.max_train_samples}")
+        if self.cache_dtype not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"cache_dtype must be fp32, fp16 or bf16, got {self.cache_dtype!r}")
+        if self.cache_shard_size <= 0:
+            raise ValueError(f"cache_shard_size must be > 0, got {self.cache_shard_size}")
         if self.cache_dir and not self.center_crop:
             raise ValueError("a latent cache needs a fixed crop: pass --center_crop with --cache_dir")
 
@@ -223,28 +232,6 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         flip = draw_flip(self.config.random_flip, gen)
         x = transform_image(img, self.config.resolution, self.config.center_crop, flip, gen)
         return {"pixel_values": x, "caption": caption}
-
-
-class CachedLatentDataset(torch.utils.data.Dataset):
-    """Cached samples as ``{"latent_mean", "latent_std": (C, h, w), "prompt_embeds": (L, D)}`` (see module doc)."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor], random_flip: bool, seed: int = 0):
-        self.t, self.random_flip, self.seed, self.epoch = tensors, random_flip, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.t["latent_mean"].shape[0]
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        flip = draw_flip(self.random_flip, sample_generator(self.seed, self.epoch, i))
-        sfx = "_flip" if flip else ""
-        return {
-            "latent_mean": self.t["latent_mean" + sfx][i],
-            "latent_std": self.t["latent_std" + sfx][i],
-            "prompt_embeds": self.t["prompt_embeds"][i],
-        }
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):

@@ -1,25 +1,30 @@
-"""A cache of VAE latents and text embeddings, computed once and reused by later runs.
+"""A cache of VAE latents and text embeddings, computed once, kept on disk in shards and reused by later runs.
 
-Format: one safetensors file ``<cache_dir>/lcm_cache-<key>.safetensors`` (written atomically: temp file + rename)
-holding, for the ``N`` valid samples in source order:
+What is cached, for each valid sample (images that decode and have a caption, in source order):
 
-* ``latent_mean``, ``latent_std`` -- ``(N, C, h, w)`` float32: the VAE posterior's mean and std, both already
-  multiplied by ``vae.config.scaling_factor``; a training latent is ``mean + std * eps`` (a fresh sample each
-  step, as ``latent_dist.sample() * scaling_factor``);
-* ``latent_mean_flip``, ``latent_std_flip`` -- the same for the horizontally flipped images (only with
+* ``latent_mean``, ``latent_std`` -- ``(C, h, w)``: the VAE posterior's mean and std, both already multiplied by
+  ``vae.config.scaling_factor``; a training latent is ``mean + std * eps`` (a fresh sample each step, as
+  ``latent_dist.sample() * scaling_factor``);
+* ``latent_mean_flip``, ``latent_std_flip`` -- the same for the horizontally flipped image (only with
   ``random_flip``; the VAE is not flip-equivariant, so flipped images are encoded too);
-* ``prompt_embeds`` -- ``(N, L, D)`` float32 text-encoder last hidden states of the captions.
+* ``prompt_embeds`` -- ``(L, D)`` text-encoder last hidden states of the caption.
 
-The safetensors metadata holds the cache version and the number of skipped samples. ``<key>`` is a hash of
-content, never of sizes or mtimes (a file replaced with the same size and mtime must not reuse stale latents): the
-sha256 of the teacher's VAE / text-encoder / tokenizer files, the source's content digest (``fingerprint()``: every
-image's bytes and caption as read, or the shards' bytes), the data flags and the transform, so a different teacher,
-data set or resolution gets its own file. Version 2 (content keys) replaced version 1 (sizes and mtimes): caches
-written before are rebuilt once. Hashing costs one read of the data per run: 0.15-0.4 s for the 3,608 images of
-the emoji set (15 MB), against about 5 s for ``datasets`` to open that folder.
+They are stored in ``cache_dtype`` (fp32 by default: training results are then the same as encoding on the fly with
+the same noise; fp16 / bf16 halve the disk and page-cache footprint) and read back as float32. The files, the index
+and the reader are in :mod:`lcm_kit.cache_shards`.
 
-The cache folder is checked to be writable before the data is scanned or encoded. A cache file that cannot be read
-back (truncated, garbled, or missing a tensor) is rebuilt, with a warning that names it.
+The cache folder ``<cache_dir>/lcm_cache-<key>`` is named by a hash of content, never of sizes or mtimes (a file
+replaced with the same size and mtime must not reuse stale latents): the sha256 of the teacher's VAE / text-encoder /
+tokenizer files, the source's content digest (``fingerprint()``: every image's bytes and caption as read, or the
+shards' bytes), the data flags and the transform, the shard size and the dtype. Version 3 (sharded) replaced
+version 2 (one file) and 1 (sizes and mtimes): caches written before are rebuilt once.
+
+Build: shard ``k`` goes to process ``k mod world`` (every process of an ``accelerate launch`` that sees the same
+``cache_dir`` encodes its share; without a shared filesystem each machine builds the whole cache with its own
+processes), each shard is written as soon as it is encoded, a barrier waits for all, then the main process writes
+the index. A restart after a crash or ``kill -9`` encodes only the shards that are not on disk. The cache folder is
+checked to be writable before anything is encoded, and only when something has to be written (a read-only folder
+holding a complete cache works).
 """
 
 from __future__ import annotations
@@ -27,19 +32,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
-from dataclasses import asdict, replace
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from .atomic import check_writable, save_safetensors
-from .data import DataConfig, HFSource, ImageCaptionDataset, ShardSource, scan_valid
+from . import cache_shards as CS
+from .atomic import check_writable
+from .data import DataConfig, HFSource, ShardSource, decode_image, transform_image
 from .digests import file_sha256
 
 logger = logging.getLogger(__name__)
-CACHE_VERSION = 2  # 2: keyed on content (1: sizes and mtimes)
+CACHE_VERSION = 3  # 3: sharded (2: one file keyed on content, 1: sizes and mtimes)
 
 
 def _teacher_signature(teacher_dir: str | os.PathLike) -> dict:
@@ -53,36 +61,12 @@ def _teacher_signature(teacher_dir: str | os.PathLike) -> dict:
 
 
 def cache_path(config: DataConfig, teacher_dir: str | os.PathLike, source: HFSource | ShardSource) -> Path:
-    """The cache file for this teacher, data and transform (see module docstring)."""
+    """The cache folder for this teacher, data, transform, shard size and dtype (see module docstring)."""
     data = {k: v for k, v in asdict(config).items() if k != "cache_dir"}
     key = {"version": CACHE_VERSION, "teacher": _teacher_signature(teacher_dir), "data": data}
     key["source"] = source.fingerprint()
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(config.cache_dir) / f"lcm_cache-{digest}.safetensors"
-
-
-def load_cache(path: Path) -> tuple[dict[str, torch.Tensor], int]:
-    """Loads a cache file: ``(tensors, number of samples skipped when it was built)``."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return tensors, int(meta.get("n_skipped", 0))
-
-
-def _load_or_none(path: Path, random_flip: bool) -> tuple[dict[str, torch.Tensor], int] | None:
-    """:func:`load_cache`, or ``None`` (and a warning naming the file) when it is unreadable or incomplete."""
-    needed = ["latent_mean", "latent_std", "prompt_embeds"] + (["latent_mean_flip", "latent_std_flip"] * random_flip)
-    try:
-        tensors, n_skipped = load_cache(path)
-        problem = next((f"no tensor {k!r}" for k in needed if k not in tensors), None)
-        if problem is None and len({tensors[k].shape[0] for k in needed}) != 1:
-            problem = "tensors of different lengths"
-    except (SafetensorError, ValueError) as err:  # truncated or garbled: header, offsets or metadata
-        problem = str(err)
-    if problem is None:
-        return tensors, n_skipped
-    logger.warning("latent cache %s is unreadable (%s); rebuilding it", path, problem)
-    return None
+    return Path(config.cache_dir) / f"lcm_cache-{digest}"
 
 
 @torch.no_grad()
@@ -102,51 +86,115 @@ def encode_posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return dist.mean * sf, dist.std * sf
 
 
-def build_cache(
-    config: DataConfig, source, valid: list[int], vae, text_encoder, tokenizer, batch_size: int = 16
-) -> dict[str, torch.Tensor]:
-    """Encodes the valid samples (center crop; flipped copies too with ``random_flip``) into cache tensors."""
-    ds = ImageCaptionDataset(source, valid, replace(config, random_flip=False))
-    out: dict[str, list[torch.Tensor]] = {}
-    flips = (False, True) if config.random_flip else (False,)
+def encode_shard(config: DataConfig, source, rows: range, encoders: tuple, batch_size: int = 16) -> dict:
+    """Cache tensors of the valid samples among source ``rows`` (center crop; flipped copies with ``random_flip``),
+    encoded ``batch_size`` at a time, in ``cache_dtype``; ``source_index`` says which rows they are."""
+    vae, text_encoder, tokenizer = encoders
+    items = []
+    for i in rows:
+        raw, caption = source.raw(i)
+        img = decode_image(raw) if caption is not None else None
+        if img is not None:
+            items.append((i, transform_image(img, config.resolution, config.center_crop, False), caption))
+    dtype = CS.CACHE_DTYPES[config.cache_dtype]
+    out: dict[str, list[torch.Tensor]] = {n: [] for n in CS.tensor_names(config.random_flip)}
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        pixels = torch.stack([x for _, x, _ in chunk])
+        for flip in (False, True) if config.random_flip else (False,):
+            mean, std = encode_posterior(vae, pixels.flip(-1) if flip else pixels)
+            sfx = "_flip" if flip else ""
+            out["latent_mean" + sfx].append(mean.float().cpu().to(dtype))
+            out["latent_std" + sfx].append(std.float().cpu().to(dtype))
+        embeds = encode_prompts(tokenizer, text_encoder, [c for _, _, c in chunk])
+        out["prompt_embeds"].append(embeds.float().cpu().to(dtype))
+    tensors = {k: torch.cat(v) for k, v in out.items() if v}
+    return {"source_index": torch.tensor([i for i, _, _ in items], dtype=torch.int64), **tensors}
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """How the processes that see one ``cache_dir`` share the build: this process encodes shards ``k`` with
+    ``k % world == rank``; ``barrier`` waits for every process of the run; ``rank == 0`` writes the index."""
+
+    rank: int = 0
+    world: int = 1
+    barrier: Callable[[], None] = lambda: None
+
+
+def build_share(config: DataConfig, source, folder: Path, key: str, encoders: tuple, ctx: BuildContext) -> None:
+    """Encodes and writes this process's missing or unreadable shards, with a progress bar (size, throughput)."""
     from tqdm.auto import tqdm
 
-    for start in tqdm(range(0, len(ds), batch_size), desc="encoding the latent cache", unit="batch"):
-        items = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
-        pixels = torch.stack([it["pixel_values"] for it in items])  # unflipped: center crop, no random flip
-        for flip in flips:
-            mean, std = (x.float().cpu() for x in encode_posterior(vae, pixels.flip(-1) if flip else pixels))
-            sfx = "_flip" if flip else ""
-            out.setdefault("latent_mean" + sfx, []).append(mean)
-            out.setdefault("latent_std" + sfx, []).append(std)
-        embeds = encode_prompts(tokenizer, text_encoder, [it["caption"] for it in items])
-        out.setdefault("prompt_embeds", []).append(embeds.float().cpu())
-    return {k: torch.cat(v) for k, v in out.items()}
+    n, size, names = _n_rows(config, source), config.cache_shard_size, CS.tensor_names(config.random_flip)
+    mine = range(ctx.rank, math.ceil(n / size), ctx.world)
+    todo = [k for k in mine if CS.shard_rows(CS.shard_path(folder, k), key, names) is None]
+    total = sum(len(range(k * size, min(n, (k + 1) * size))) for k in todo)
+    if len(todo) < len(mine):
+        logger.info("latent cache %s: %d of %d shard(s) already on disk", folder, len(mine) - len(todo), len(mine))
+    written, t0 = 0, time.perf_counter()
+    bar = tqdm(total=total, desc=f"encoding the latent cache [{ctx.rank}/{ctx.world}]", unit="img", disable=not todo)
+    for k in todo:
+        rows = range(k * size, min(n, (k + 1) * size))
+        written += CS.write_shard(folder, k, encode_shard(config, source, rows, encoders), key).stat().st_size
+        bar.set_postfix_str(f"{written / 2**20:.1f} MiB", refresh=False)
+        bar.update(len(rows))
+    bar.close()
+    if todo:
+        dt = time.perf_counter() - t0
+        logger.info("latent cache: encoded %d image(s) in %d shard(s), %.1f MiB, %.1f s (%.1f img/s)", total,
+                    len(todo), written / 2**20, dt, total / max(dt, 1e-9))  # fmt: skip
+
+
+def _n_rows(config: DataConfig, source) -> int:
+    return len(source) if config.max_train_samples is None else min(config.max_train_samples, len(source))
+
+
+def _drop_damaged(folder: Path, key: str, cache_dir: str) -> None:
+    """Removes temp files of a killed build, and shards that differ from the index (with the index: it is written
+    again once they are rebuilt). ``ValueError`` if there is something to repair and ``cache_dir`` is read-only."""
+    for tmp in folder.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+    index = CS.read_index(folder, key)
+    bad = CS.corrupt_shards(folder, index) if index is not None else []
+    if bad:
+        check_writable(cache_dir, "cache_dir")
+    for k in bad:
+        CS.shard_path(folder, k).unlink(missing_ok=True)
+    if bad or (index is None and (folder / CS.INDEX_NAME).exists()):
+        (folder / CS.INDEX_NAME).unlink()
 
 
 def cached_latents(
-    config: DataConfig, teacher_dir, source, vae, text_encoder, tokenizer
-) -> tuple[dict[str, torch.Tensor], int, Path]:
-    """Loads the cache for this teacher/data/transform, or scans + encodes the data and writes it.
+    config: DataConfig, teacher_dir, source, vae, text_encoder, tokenizer, ctx: BuildContext = BuildContext()
+) -> tuple[CS.ShardedLatentCache, int, Path]:
+    """Opens the cache for this teacher/data/transform, building (or completing, or repairing) it first if needed.
 
-    In multi-process runs call it on the main process first, then on the others after a barrier (they hit).
+    Every process of a multi-process run calls it with its :class:`BuildContext`; all of them pass the same
+    barriers, whatever is on disk.
 
     Returns:
-        ``(tensors, number of skipped samples, cache file path)``.
+        ``(cache, number of skipped samples, cache folder)``.
 
     Raises:
         ValueError: the data set has no valid sample, or the cache has to be written and ``cache_dir`` cannot be.
     """
-    path = cache_path(config, teacher_dir, source)
-    loaded = _load_or_none(path, config.random_flip) if path.exists() else None
-    if loaded is not None:
-        logger.info("using latent cache %s", path)
-        return *loaded, path
-    check_writable(config.cache_dir, "cache_dir")  # before the scan and the encoding, not after
-    valid, skipped = scan_valid(source, config.max_train_samples)
-    if not valid:
-        raise ValueError(f"the training dataset is empty: {len(source)} sample(s), {len(skipped)} unreadable")
-    tensors = build_cache(config, source, valid, vae, text_encoder, tokenizer)
-    save_safetensors(tensors, path, {"n_skipped": str(len(skipped)), "version": str(CACHE_VERSION)})
-    logger.info("wrote latent cache %s (%d samples, %d skipped)", path, len(valid), len(skipped))
-    return tensors, len(skipped), path
+    folder = cache_path(config, teacher_dir, source)
+    key = folder.name
+    if ctx.rank == 0:
+        _drop_damaged(folder, key, config.cache_dir)
+    ctx.barrier()
+    complete = (folder / CS.INDEX_NAME).is_file()
+    if not complete:
+        check_writable(config.cache_dir, "cache_dir")  # before anything is decoded or encoded, not after
+        build_share(config, source, folder, key, (vae, text_encoder, tokenizer), ctx)
+    ctx.barrier()
+    if ctx.rank == 0 and not complete:
+        index = CS.write_index(folder, key, _n_rows(config, source), config.cache_shard_size)
+        logger.info("wrote latent cache %s (%d samples, %d skipped)", folder, len(index.shard), index.n_skipped)
+    ctx.barrier()
+    index = CS.read_index(folder, key)
+    assert index is not None, f"no index in {folder} after the build"
+    if not len(index.shard):
+        raise ValueError(f"the training dataset is empty: {len(source)} sample(s), {index.n_skipped} unreadable")
+    return CS.ShardedLatentCache(folder, index), index.n_skipped, folder

@@ -103,6 +103,7 @@ def build_tiny_sd(
     latent_size: int = 8,
     seed: int = 0,
     tokenizer_dir: str | os.PathLike | None = None,
+    cross_attention_dim: int = 16,
 ) -> dict:
     """Builds the components of a tiny SD1.x pipeline (random weights, VAE factor 2) as a dict of modules.
 
@@ -113,6 +114,7 @@ def build_tiny_sd(
         latent_size: UNet ``sample_size`` (images are twice as large).
         seed: Seed of the random initialisation.
         tokenizer_dir: Where to write the tokenizer files (a temp folder if omitted).
+        cross_attention_dim: Text-encoder width (768: SD1.5's 77 x 768 caption embeddings, for memory benchmarks).
     """
     import tempfile
 
@@ -120,7 +122,7 @@ def build_tiny_sd(
     from transformers import CLIPTextModel
 
     tokenizer = write_byte_clip_tokenizer(tokenizer_dir or tempfile.mkdtemp(prefix="lcm_kit_tok_"))
-    cross_dim = 16
+    cross_dim = cross_attention_dim
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         **tiny_unet_config(unet_block_out_channels, latent_size, cross_dim, time_cond_proj_dim)

@@ -1,13 +1,10 @@
-"""lcm_kit.data / lcm_kit.latent_cache: sources, corrupt-image skipping, transforms, the latent cache."""
+"""lcm_kit.data: sources, corrupt-image skipping, transforms (the latent cache: test_latent_cache.py)."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-import os
-import re
-import shutil
 import tarfile
 from pathlib import Path
 
@@ -17,7 +14,6 @@ import torch
 from PIL import Image
 
 from lcm_kit.data import DataConfig, EpochSampler, build_dataset, open_source, transform_image
-from lcm_kit.latent_cache import cache_path, cached_latents, load_cache
 
 
 def _img(seed: int, size=(24, 20)) -> Image.Image:
@@ -160,105 +156,3 @@ def test_random_transforms_repeat_per_epoch_and_index(tmp_path):
     assert list(sampler) == first and sorted(first) == list(range(10))
     sampler.set_epoch(1)
     assert list(sampler) != first
-
-
-def test_cache_round_trip(tmp_path, tiny_sd_dir, caplog):
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    vae = AutoencoderKL.from_pretrained(tiny_sd_dir, subfolder="vae")
-    te = CLIPTextModel.from_pretrained(tiny_sd_dir, subfolder="text_encoder")
-    tok = CLIPTokenizer.from_pretrained(tiny_sd_dir, subfolder="tokenizer")
-    folder = make_image_folder(tmp_path / "imgs", n=3, corrupt=1)
-    cfg = DataConfig(train_data_dir=str(folder), resolution=16, center_crop=True, random_flip=True,
-                     cache_dir=str(tmp_path / "cache"))  # fmt: skip
-    source = open_source(cfg)
-    tensors, skipped, path = cached_latents(cfg, tiny_sd_dir, source, vae, te, tok)
-    assert skipped == 1 and path.exists() and path.parent == tmp_path / "cache"
-    assert tensors["latent_mean"].shape == (3, 4, 8, 8) and tensors["latent_std_flip"].shape == (3, 4, 8, 8)
-    assert tensors["prompt_embeds"].shape == (3, 77, 16)
-    # the cached mean equals a direct encode (times the scaling factor) of the same center-cropped image
-    ds, _ = build_dataset(DataConfig(train_data_dir=str(folder), resolution=16, center_crop=True))
-    with torch.no_grad():
-        direct = vae.encode(ds[0]["pixel_values"][None]).latent_dist.mean * vae.config.scaling_factor
-    torch.testing.assert_close(tensors["latent_mean"][0:1], direct)
-    assert not torch.equal(tensors["latent_mean"], tensors["latent_mean_flip"])
-    # reused as is by a later run: no re-encode (the VAE is not even needed)
-    again, skipped2, path2 = cached_latents(cfg, tiny_sd_dir, open_source(cfg), None, None, None)
-    assert path2 == path and skipped2 == 1
-    assert all(torch.equal(again[k], tensors[k]) for k in tensors)
-    assert load_cache(path)[1] == 1
-    # another resolution -> another file
-    other = DataConfig(**{**cfg.__dict__, "resolution": 32})
-    assert cache_path(other, tiny_sd_dir, source) != path
-    assert not list((tmp_path / "cache").glob("*.tmp"))
-    # a truncated or garbled cache file is rebuilt, with a warning that names it
-    good = path.read_bytes()
-    for damaged in (good[: len(good) // 2], b"\x00" * 8 + good[8:], b"garbage"):
-        path.write_bytes(damaged)
-        with caplog.at_level("WARNING"):
-            rebuilt, skipped3, path3 = cached_latents(cfg, tiny_sd_dir, open_source(cfg), vae, te, tok)
-        assert path3 == path and skipped3 == 1 and load_cache(path)[1] == 1  # rewritten whole
-        assert all(torch.equal(rebuilt[k], tensors[k]) for k in tensors)
-        assert f"latent cache {path} is unreadable" in caplog.text and "rebuilding" in caplog.text
-        caplog.clear()
-
-
-def _rewrite_keeping_size_and_mtime(path: Path, data: bytes) -> None:
-    """Replaces a file's bytes; same size and mtime (what rsync -t / tar / cp -p replacements look like)."""
-    st = path.stat()
-    assert len(data) == st.st_size
-    path.write_bytes(data)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-
-
-def _flip_last_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF
-    _rewrite_keeping_size_and_mtime(path, bytes(data))
-
-
-@pytest.mark.parametrize("changed", ["image", "caption", "shard", "teacher"])
-def test_cache_key_follows_content_not_size_and_mtime(tmp_path, tiny_sd_dir, changed):
-    teacher = shutil.copytree(tiny_sd_dir, tmp_path / "teacher")
-    if changed == "shard":
-        cfg = DataConfig(train_shards=make_shards(tmp_path / "shards"), resolution=16, center_crop=True,
-                         cache_dir=str(tmp_path / "cache"))  # fmt: skip
-    else:
-        folder = make_image_folder(tmp_path / "imgs", n=3)
-        _img(0).save(folder / "0.png", compress_level=0)  # uncompressed: another image has the same file size
-        cfg = DataConfig(train_data_dir=str(folder), resolution=16, center_crop=True, cache_dir=str(tmp_path / "c"))
-    before = cache_path(cfg, teacher, open_source(cfg))
-    assert cache_path(cfg, teacher, open_source(cfg)) == before  # stable
-    if changed == "image":
-        buf = io.BytesIO()
-        _img(9).save(buf, format="PNG", compress_level=0)
-        _rewrite_keeping_size_and_mtime(folder / "0.png", buf.getvalue())
-    elif changed == "caption":  # "caption 1" -> "caption 7": same size; datasets keeps its own table (mtime key)
-        meta = folder / "metadata.jsonl"
-        _rewrite_keeping_size_and_mtime(meta, meta.read_bytes().replace(b"caption 1", b"caption 7"))
-    elif changed == "shard":
-        shard = tmp_path / "shards" / "shard-00000.tar"
-        data = shard.read_bytes()
-        start = data.index(b"shard caption 0")
-        _rewrite_keeping_size_and_mtime(shard, data[:start] + b"shard caption X" + data[start + 15 :])
-    else:
-        _flip_last_byte(next((teacher / "vae").glob("*.safetensors")))
-    assert cache_path(cfg, teacher, open_source(cfg)) != before
-    if changed == "caption":  # and the new caption is what training reads, with or without a cache
-        assert sorted(open_source(cfg).raw(i)[1] for i in range(3)) == ["caption 0", "caption 2", "caption 7"]
-
-
-def test_unwritable_cache_dir_fails_before_any_encoding(tmp_path, tiny_sd_dir):
-    folder = make_image_folder(tmp_path / "imgs", n=2)
-    blocker = tmp_path / "blocker"
-    blocker.write_text("a file where the cache folder's parent should be")
-    folders = [blocker / "cache"]
-    if os.geteuid() != 0:  # root writes through permission bits; the file in the way covers that case too
-        (tmp_path / "ro").mkdir(mode=0o555)
-        folders.append(tmp_path / "ro")
-    for cache_dir in folders:
-        cfg = DataConfig(train_data_dir=str(folder), resolution=16, center_crop=True, cache_dir=str(cache_dir))
-        # no VAE / text encoder at all: the check must come before the scan and the encoding
-        with pytest.raises(ValueError, match=f"cache_dir {re.escape(repr(str(cache_dir)))} is not writable"):
-            cached_latents(cfg, tiny_sd_dir, open_source(cfg), None, None, None)

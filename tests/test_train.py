@@ -247,10 +247,12 @@ def test_dry_run_and_latent_cache(tmp_path, tiny_sd_dir, images, capsys):
     plan = capsys.readouterr().out
     assert "[plan] mode=lora" in plan and "6 samples (1 skipped)" in plan and "nothing trained" in plan
     assert not (out / "pytorch_lora_weights.safetensors").exists() and not list(out.glob("checkpoint-*"))
-    (cache_file,) = cache.glob("lcm_cache-*.safetensors")
-    mtime = cache_file.stat().st_mtime_ns
+    (folder,) = cache.glob("lcm_cache-*")
+    assert "[data] latent cache" in plan and "6 samples" in plan and "KiB/sample" in plan  # size reported
+    mtimes = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
     assert main(base_args(tiny_sd_dir, images, out, 2, *extra)) == 0  # trains from the cache, reused unchanged
-    assert cache_file.stat().st_mtime_ns == mtime and (out / "pytorch_lora_weights.safetensors").is_file()
+    assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == mtimes
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_webdataset_shards_train(tmp_path, tiny_sd_dir, images):
@@ -328,6 +330,7 @@ def two_process_digests(out: Path, argv: list[str]) -> tuple[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    (out / "launch.log").write_text(proc.stdout + proc.stderr)
     assert "x 2 process(es)" in (out / "README.md").read_text()  # really two data-parallel ranks
     d0, d1 = ((out / f"debug_params_rank{r}.txt").read_text() for r in (0, 1))
     return d0, d1

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 import torch
 
@@ -31,16 +33,20 @@ def make_accelerator(config: RunConfig):
 
 def build_data(config: RunConfig, teacher: Teacher, accelerator) -> tuple[torch.utils.data.DataLoader, int, int]:
     """Dataset (cached latents with ``--cache_dir``, else images) + loader + sampler; ``(loader, n, skipped)``."""
-    from ..data import CachedLatentDataset, EpochSampler, build_dataset, open_source
+    from ..cache_shards import CachedLatentDataset
+    from ..data import EpochSampler, build_dataset, open_source
     from ..latent_cache import cached_latents
 
     data, seed = config.data, config.optim.seed
     if data.cache_dir:
         source = open_source(data)
-        with accelerator.main_process_first():
-            tensors, skipped, _ = cached_latents(data, teacher.path, source, teacher.vae, teacher.text_encoder,
-                                                 teacher.tokenizer)  # fmt: skip
-        ds = CachedLatentDataset(tensors, data.random_flip, seed)
+        encoders = (teacher.vae, teacher.text_encoder, teacher.tokenizer)
+        ctx = build_context(accelerator, data.cache_dir)
+        cache, skipped, folder = cached_latents(data, teacher.path, source, *encoders, ctx)
+        ds = CachedLatentDataset(cache, data.random_flip, seed)
+        if accelerator.is_main_process:
+            print(f"[data] latent cache {folder}: {len(cache)} samples, {cache.nbytes / 2**20:.1f} MiB "
+                  f"({cache.nbytes / len(cache) / 1024:.1f} KiB/sample)")  # fmt: skip
     else:
         ds, skipped = build_dataset(data, seed)
     if skipped and accelerator.is_main_process:
@@ -49,6 +55,40 @@ def build_data(config: RunConfig, teacher: Teacher, accelerator) -> tuple[torch.
     loader = torch.utils.data.DataLoader(ds, batch_size=config.optim.train_batch_size, sampler=sampler,
                                          num_workers=config.optim.dataloader_num_workers)  # fmt: skip
     return loader, len(ds), skipped
+
+
+def build_context(accelerator, cache_dir: str):
+    """Which shards of the latent cache this process encodes. Every process shares the work when all of them see
+    the same ``cache_dir`` (one machine, or a shared filesystem); else each machine builds the whole cache on its
+    own disk with its own processes."""
+    from ..latent_cache import BuildContext
+
+    state, barrier = accelerator.state, accelerator.wait_for_everyone
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
+    if local == state.num_processes or _shared_folder(Path(cache_dir), accelerator):
+        return BuildContext(state.process_index, state.num_processes, barrier)
+    return BuildContext(state.local_process_index, local, barrier)
+
+
+def _shared_folder(folder: Path, accelerator) -> bool:
+    """Whether all machines see one ``folder``: the main process writes a probe that the others look for (each
+    machine's own copy is removed first)."""
+    probe = folder / ".shared_probe"
+    if accelerator.is_local_main_process:
+        probe.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.touch()
+        except OSError:  # read-only: the cache must already be complete, nothing is built either way
+            pass
+    accelerator.wait_for_everyone()
+    shared = probe.exists()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        probe.unlink(missing_ok=True)
+    return shared
 
 
 def make_optimizer(optim: OptimConfig, params: list[torch.nn.Parameter]):
