@@ -30,7 +30,7 @@ from . import functional as F
 from . import guidance as G
 from . import pipeline_inputs as inputs
 from . import pipeline_utils as U
-from .contract import ContractLoraLoaderMixin, call_schedule
+from .contract import ContractLoraLoaderMixin
 from .loading import checked_pipeline_kwargs
 from .scheduler import LCMKitScheduler
 
@@ -204,22 +204,15 @@ class LCMPipeline(
             ``StableDiffusionPipelineOutput(images, nsfw_content_detected)`` (or the tuple); the decoded image is the
             last step's ``denoised``, as in diffusers' LCM pipelines.
         """
-        guidance = G.Guidance.decide(self.unet.config, guidance_scale)
-        num_inference_steps, timesteps = call_schedule(self.scheduler, num_inference_steps, timesteps)
-        args = inputs.check_call_args(
-            self, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+        guidance, args = inputs.start_call(
+            self, guidance_scale, num_inference_steps, original_inference_steps, timesteps, cross_attention_kwargs,
+            prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds, image=image, strength=strength, height=height, width=width,
-            latents=latents, num_inference_steps=num_inference_steps, timesteps=timesteps,
-            num_images_per_prompt=num_images_per_prompt, generator=generator, output_type=output_type,
+            latents=latents, num_images_per_prompt=num_images_per_prompt, generator=generator, output_type=output_type,
             callback=callback_on_step_end, callback_inputs=callback_on_step_end_tensor_inputs,
         )  # fmt: skip
         batch_size, height, width, strength, cb_inputs, image = args
-        self._cross_attention_kwargs = cross_attention_kwargs
         device = self._execution_device
-        self.scheduler.set_timesteps(  # before the text encoder: it checks the steps against the grid
-            None if timesteps is not None else num_inference_steps, device, original_inference_steps, timesteps,
-            strength or 1.0,
-        )  # fmt: skip
         cond, uncond = self._encode_text(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, guidance, clip_skip,
             device,

@@ -28,6 +28,8 @@ import PIL.Image
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
+from .contract import call_schedule
+from .guidance import Guidance
 from .images import to_rgb
 
 OUTPUT_TYPES: tuple[str, ...] = ("pil", "np", "pt", "latent")
@@ -48,6 +50,25 @@ class CallArgs(NamedTuple):
     strength: float | None
     callback_inputs: list[str]
     image: ImageBatch | None
+
+
+def start_call(pipe: Any, guidance_scale: float | None, num_inference_steps: int | None,
+               original_inference_steps: int | None, timesteps: list[int] | None,
+               cross_attention_kwargs: dict[str, Any] | None,
+               **checked: Any) -> tuple[Guidance, CallArgs]:  # fmt: skip
+    """The opening of ``LCMPipeline.__call__`` (and of the pipelines built on it): the guidance decision, the
+    sampling contract's steps (:func:`lcm_kit.contract.call_schedule`), :func:`check_call_args` on ``checked``, then
+    the scheduler's timesteps. They are set before the text encoder runs, since ``set_timesteps`` checks the steps
+    against the grid, so no model runs on a bad call. Returns the guidance and the checked arguments."""
+    guidance = Guidance.decide(pipe.unet.config, guidance_scale)
+    num_inference_steps, timesteps = call_schedule(pipe.scheduler, num_inference_steps, timesteps)
+    args = check_call_args(pipe, num_inference_steps=num_inference_steps, timesteps=timesteps, **checked)
+    pipe._cross_attention_kwargs = cross_attention_kwargs
+    pipe.scheduler.set_timesteps(
+        None if timesteps is not None else num_inference_steps, pipe._execution_device, original_inference_steps,
+        timesteps, args.strength or 1.0,
+    )  # fmt: skip
+    return guidance, args
 
 
 def check_call_args(pipe: Any, *, prompt: Any, negative_prompt: Any, prompt_embeds: torch.Tensor | None,

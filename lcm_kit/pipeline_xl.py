@@ -31,11 +31,10 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from . import guidance as G
 from . import pipeline_inputs as inputs
 from . import pipeline_utils as U
 from . import pipeline_xl_inputs as xl_inputs
-from .contract import ContractLoading, call_schedule
+from .contract import ContractLoading
 from .loading import checked_pipeline_kwargs
 from .pipeline import LCMPipeline, OutputType
 from .scheduler import LCMKitScheduler
@@ -159,24 +158,17 @@ class LCMXLPipeline(ContractLoading, StableDiffusionXLPipeline):
         Returns:
             ``StableDiffusionXLPipelineOutput(images)`` or ``(images,)``; the image is the last step's ``denoised``.
         """
-        guidance = G.Guidance.decide(self.unet.config, guidance_scale)
-        num_inference_steps, timesteps = call_schedule(self.scheduler, num_inference_steps, timesteps)
-        args = inputs.check_call_args(
-            self, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+        guidance, args = inputs.start_call(
+            self, guidance_scale, num_inference_steps, original_inference_steps, timesteps, cross_attention_kwargs,
+            prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds, image=image, strength=strength, height=height, width=width,
-            latents=latents, num_inference_steps=num_inference_steps, timesteps=timesteps,
-            num_images_per_prompt=num_images_per_prompt, generator=generator, output_type=output_type,
+            latents=latents, num_images_per_prompt=num_images_per_prompt, generator=generator, output_type=output_type,
             callback=callback_on_step_end, callback_inputs=callback_on_step_end_tensor_inputs,
         )  # fmt: skip
         batch_size, height, width, strength, cb_inputs, image = args
         xl_inputs.check_xl_args(prompt_2, negative_prompt_2, prompt_embeds, pooled_prompt_embeds,
                                 negative_prompt_embeds, negative_pooled_prompt_embeds, batch_size)  # fmt: skip
-        self._cross_attention_kwargs = cross_attention_kwargs
         device = self._execution_device
-        self.scheduler.set_timesteps(  # before the text encoders: it checks the steps against the grid
-            None if timesteps is not None else num_inference_steps, device, original_inference_steps, timesteps,
-            strength or 1.0,
-        )  # fmt: skip
         guidance.warn_if_negative_unused(negative_prompt is not None or negative_prompt_embeds is not None, 3)
         text = self._encode_text(
             (prompt, prompt_2, negative_prompt, negative_prompt_2),
