@@ -62,7 +62,14 @@ def main(argv: list[str] | None = None) -> str:
         help="full LCM pipeline folder, [LABEL=]DIR, repeatable ('none': skip); default: the committed LCM and PCM",
     )
     p.add_argument("--num_eval", type=int, default=0, help="held-out prompts (0: all)")
-    p.add_argument("--guidance_scale", type=float, default=5.0)
+    p.add_argument("--guidance_scale", type=float, default=5.0, help="teacher CFG scale (DDIM-50 reference)")
+    p.add_argument(
+        "--student_guidance_scale",
+        type=float,
+        default=None,
+        help="guidance of the full students (w-embedding, or CFG for a plain UNet such as a ct student; 1: none); "
+        "default: --guidance_scale",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise, LCM re-noising and KID subsets")
     p.add_argument(
         "--repeats", type=int, default=3, help="timing rounds (every method once per round); the median is reported"
@@ -86,8 +93,8 @@ def main(argv: list[str] | None = None) -> str:
                              "--full_dir")  # fmt: skip
     prompts, real = held_out(args.data_dir, args.num_eval or None)
     runs = C.run_comparison(args.teacher, prompts, real, load_feature_net(), loras, fulls, args.guidance_scale,
-                            seed=args.seed, repeats=args.repeats, tcd_gammas=args.tcd_gamma,
-                            teacher_lcm=not args.no_teacher_lcm)  # fmt: skip
+                            lcm_guidance_scale=args.student_guidance_scale, seed=args.seed, repeats=args.repeats,
+                            tcd_gammas=args.tcd_gamma, teacher_lcm=not args.no_teacher_lcm)  # fmt: skip
     table = C.format_table(runs, "DDIM-50")
     summary = C.format_summary(runs)
     print(" ".join(["python", "bench/quality.py", *(argv if argv is not None else sys.argv[1:])]))
