@@ -1,14 +1,15 @@
 """Quality and speed of the LCM students against the teacher's own samplers, on the built-in emoji teacher.
 
     python bench/quality.py [--lora_dir [LABEL=]DIR|none ...] [--full_dir [LABEL=]DIR|none ...] [--tcd_gamma 0]
-                            [--num_eval 0] [--no_teacher_lcm]
+                            [--num_eval 0] [--no_teacher_lcm] [--student_guidance_scale 1]
 
 Same table as the README's main job (lcm_kit.compare) with wall time per image: teacher DDIM-50 with CFG is the
 reference; teacher DDIM-4 and DPM-Solver++-4 (CFG) are its own few-step samplers; "teacher + LCM sampler" is the
 teacher UNet with no distillation in LCMPipeline at guidance 1 (1, 2, 4 steps, and TCD gamma=0 at 2 and 4 steps):
 the baseline a student has to beat (also sampled with every gamma a student's contract uses). The LCM-LoRA (no CFG)
-and the full students (w-embedding) run 1, 2 and 4 steps with their sampling contract (by default the students
-committed under ``models/``: the main job's LoRA, seeds 0 and 1; the full LCM and the 4-phase PCM), and with
+and the full students (w-embedding; a ct student: CFG, or none at ``--student_guidance_scale 1``) run 1, 2 and
+4 steps with their sampling contract (by default the students committed under ``models/``: the main job's LoRA,
+seeds 0 and 1; the full LCM and the 4-phase PCM), and with
 ``--tcd_gamma G`` also 2 and 4 steps of TCD sampling. All from the same initial noise; FID-emoji / KID-emoji
 (seeded KID) against the held-out real images.
 Wall times are of one batched call over all prompts, to latents: the median of --repeats rounds, each round calling
