@@ -200,3 +200,15 @@ def test_a_students_extra_gamma_rows_skip_its_contract_gamma():
     assert C._contract_label("LCM (full)", pipe) == "LCM (full), TCD γ=0 (its contract)"
     pipe.scheduler.config.gamma = None
     assert C._other_gammas((0.0,), pipe) == (0.0,) and C._contract_label("LCM-LoRA", pipe) == "LCM-LoRA"
+
+
+def test_full_students_sample_at_their_own_guidance(tiny_sd_dir):
+    """``lcm_guidance_scale`` (bench/quality.py --student_guidance_scale): a plain-UNet full student, such as a ct
+    student, runs without CFG at 1 (one UNet pass a step) while the teacher rows keep the CFG scale (two passes)."""
+    net = EmojiFeatureNet(2, 3, feature_dim=8, resolution=16, width=8).eval()
+    prompts, real = ["red apple", "rocket"], torch.rand(4, 3, 16, 16)
+    for scale, per_step in ((1.0, 1), (None, 2)):  # None: the teacher's guidance_scale 2.0, i.e. CFG
+        runs = C.run_comparison(tiny_sd_dir, prompts, real, net, None, {"ct": tiny_sd_dir}, guidance_scale=2.0,
+                                lcm_guidance_scale=scale)  # fmt: skip
+        assert [(r.steps, r.unet_evals) for r in runs[:2]] == [(50, 100), (1, 2)]  # teacher DDIM-50, DDIM-1 + CFG
+        assert [(r.steps, r.unet_evals) for r in runs[-3:]] == [(k, per_step * k) for k in (1, 2, 4)]
