@@ -16,6 +16,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 
 from .images import to_rgb
+from .pipeline_inputs import check_count
 
 _SIZE = VaeImageProcessor(vae_scale_factor=1)  # reads an input's size without rounding it
 _MASKS = VaeImageProcessor(vae_scale_factor=1, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
@@ -117,8 +118,7 @@ def output_size(low_size: tuple[int, int], scale_factor: Any, height: int | None
         ValueError: Naming ``scale_factor`` if it is not an int >= 1, does not divide ``height`` / ``width`` into the
             low-resolution size, or makes a size that is not a multiple of ``multiple`` (the VAE factor).
     """
-    if isinstance(scale_factor, bool) or not isinstance(scale_factor, (int, np.integer)) or scale_factor < 1:
-        raise ValueError(f"scale_factor must be an int >= 1, got {scale_factor!r}")
+    check_count("scale_factor", scale_factor)
     out = (height or low_size[0] * scale_factor, width or low_size[1] * scale_factor)
     if out[0] % scale_factor or out[1] % scale_factor:
         raise ValueError(f"scale_factor={scale_factor} does not divide the output size {out[0]}x{out[1]}")
@@ -137,8 +137,7 @@ def check_interpolation(prompt: Any, image: Any, num_frames: Any) -> list[str]:
         ValueError: Naming ``num_frames`` unless it is an int >= 2, ``prompt`` unless it is a string or a list of 1
             or 2 strings, ``image`` unless it is ``None`` or a list of 2 images.
     """
-    if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)) or num_frames < 2:
-        raise ValueError(f"num_frames must be an int >= 2, got {num_frames!r}")
+    check_count("num_frames", num_frames, minimum=2)
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or len(prompts) not in (1, 2) or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompt must be a string or a list of 1 or 2 strings (the two ends), got {prompt!r}")

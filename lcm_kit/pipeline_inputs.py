@@ -140,12 +140,13 @@ def check_prompt_args(prompt: Any, negative_prompt: Any, prompt_embeds: torch.Te
             )
 
 
-def check_count(name: str, value: Any) -> None:
-    """Raises ``ValueError`` unless ``value`` is an integer >= 1 (numpy integers count; ``bool`` does not)."""
+def check_count(name: str, value: Any, minimum: int = 1) -> None:
+    """Raises ``ValueError`` unless ``value`` is an integer >= ``minimum`` (numpy integers count; ``bool`` does
+    not)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
 
 
 def check_size(pipe: Any, images: ImageBatch | None, height: Any, width: Any) -> tuple[int, int]:
