@@ -24,7 +24,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusio
 
 from .eval import fid_kid, latent_mse, pixel_psnr
 from .guidance import Guidance
-from .loading import checked_pipeline_kwargs
+from .loading import checked_components
 from .pipeline import LCMPipeline
 from .report import comparison_grid, format_summary, format_table, summarize_runs
 from .scheduler import LCMKitScheduler
@@ -226,7 +226,7 @@ def run_comparison(
     """
     from tqdm.auto import tqdm
 
-    checked = checked_pipeline_kwargs(teacher_dir, {"safety_checker": None})  # an unsupported folder fails here
+    checked = checked_components(teacher_dir, {"safety_checker": None})  # an unsupported folder fails here
     teacher = StableDiffusionPipeline.from_pretrained(teacher_dir, **checked)
     teacher.set_progress_bar_config(disable=True)
     prompts, c = list(prompts), teacher.unet.config

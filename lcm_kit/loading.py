@@ -152,13 +152,11 @@ def check_sdxl(path: str | os.PathLike, hub_kwargs: dict[str, Any]) -> dict:
     return _read_config(DiffusionPipeline, path, None, hub_kwargs)
 
 
-def checked_pipeline_kwargs(path: str | os.PathLike, kwargs: dict[str, Any], sdxl: bool = False) -> dict[str, Any]:
+def checked_components(path: str | os.PathLike, kwargs: dict[str, Any], sdxl: bool = False) -> dict[str, Any]:
     """``kwargs`` of ``DiffusionPipeline.from_pretrained(path, **kwargs)`` with the folder checked
-    (:func:`check_supported`, or :func:`check_sdxl` when ``sdxl``), its UNet, VAE and CLIP text encoder(s) loaded by
-    :func:`load_checked` (those the caller did not pass), and, unless ``scheduler=`` is passed, an
-    :class:`~lcm_kit.scheduler.LCMKitScheduler` built with ``from_config`` from the folder's scheduler config (DDPM,
-    PNDM, DDIM, Euler, LCM ...: betas, ``prediction_type`` and ``set_alpha_to_one`` carry over, and so do
-    ``sigma_data`` / ``gamma`` of a folder lcm_kit saved).
+    (:func:`check_supported`, or :func:`check_sdxl` when ``sdxl``) and its UNet, VAE and CLIP text encoder(s) loaded
+    by :func:`load_checked` (those the caller did not pass). Any pipeline class can take them; the folder's own
+    scheduler is left as it is.
 
     A component whose ``model_index.json`` class differs (e.g. an ``AutoencoderTiny``), and every component when
     ``device_map`` / ``quantization_config`` / ``dduf_file`` is given, is left to diffusers' own loading.
@@ -166,14 +164,9 @@ def checked_pipeline_kwargs(path: str | os.PathLike, kwargs: dict[str, Any], sdx
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from .scheduler import LCMKitScheduler
-
     hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
     index = check_sdxl(path, hub_kwargs) if sdxl else check_supported(path, hub_kwargs=hub_kwargs)
     out = dict(kwargs)
-    if out.get("scheduler") is None:
-        config = LCMKitScheduler.load_config(path, subfolder="scheduler", **hub_kwargs)
-        out["scheduler"] = LCMKitScheduler.from_config(config)
     if any(k in kwargs for k in PIPELINE_ONLY_KWARGS):
         return out
     common = {k: kwargs[k] for k in COMPONENT_KWARGS if k in kwargs}
@@ -189,6 +182,21 @@ def checked_pipeline_kwargs(path: str | os.PathLike, kwargs: dict[str, Any], sdx
     return out
 
 
+def checked_pipeline_kwargs(path: str | os.PathLike, kwargs: dict[str, Any], sdxl: bool = False) -> dict[str, Any]:
+    """:func:`checked_components` for ``LCMPipeline`` / ``LCMXLPipeline``, plus, unless ``scheduler=`` is passed, an
+    :class:`~lcm_kit.scheduler.LCMKitScheduler` built with ``from_config`` from the folder's scheduler config (DDPM,
+    PNDM, DDIM, Euler, LCM ...: betas, ``prediction_type`` and ``set_alpha_to_one`` carry over, and so do
+    ``sigma_data`` / ``gamma`` of a folder lcm_kit saved)."""
+    from .scheduler import LCMKitScheduler
+
+    out = checked_components(path, kwargs, sdxl)
+    if out.get("scheduler") is None:
+        hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+        config = LCMKitScheduler.load_config(path, subfolder="scheduler", **hub_kwargs)
+        out["scheduler"] = LCMKitScheduler.from_config(config)
+    return out
+
+
 def _component_dtype(torch_dtype, name: str):
     """The dtype of one component from ``from_pretrained``'s ``torch_dtype`` (a dtype, or diffusers' per-component
     dict with an optional ``"default"``)."""
@@ -198,8 +206,8 @@ def _component_dtype(torch_dtype, name: str):
 
 
 __all__ = [
-    "check_sdxl", "check_supported", "checked_pipeline_kwargs", "load_checked", "loading_error", "native_resolution",
-    "unsupported_reasons",
+    "check_sdxl", "check_supported", "checked_components", "checked_pipeline_kwargs", "load_checked", "loading_error",
+    "native_resolution", "unsupported_reasons",
 ]
 
 
