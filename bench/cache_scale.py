@@ -71,9 +71,11 @@ def load_encoders(teacher: str) -> tuple:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from lcm_kit.conditioning import PromptEncoder
+
     return (AutoencoderKL.from_pretrained(teacher, subfolder="vae"),
-            CLIPTextModel.from_pretrained(teacher, subfolder="text_encoder"),
-            CLIPTokenizer.from_pretrained(teacher, subfolder="tokenizer"))  # fmt: skip
+            PromptEncoder([CLIPTokenizer.from_pretrained(teacher, subfolder="tokenizer")],
+                          [CLIPTextModel.from_pretrained(teacher, subfolder="text_encoder")]))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- child processes
@@ -124,7 +126,7 @@ class _InRam:
 
 
 def child_steps(teacher: str, images: Path, cache_dir: Path, rounds: int) -> dict:
-    """Data time per step (batch load + latents_and_embeds), interleaved over the three ways of feeding training."""
+    """Data time per step (batch load + latents_and_cond), interleaved over the three ways of feeding training."""
     from lcm_kit.cache_shards import CachedLatentDataset
     from lcm_kit.data import EpochSampler, build_dataset, open_source
     from lcm_kit.distill.networks import load_teacher
@@ -132,7 +134,7 @@ def child_steps(teacher: str, images: Path, cache_dir: Path, rounds: int) -> dic
 
     cfg = data_config(images, cache_dir)
     t = load_teacher(teacher, torch.device("cpu"), torch.float32)
-    cache, _, _ = cached_latents(cfg, teacher, open_source(cfg), None, None, None)
+    cache, _, _ = cached_latents(cfg, teacher, open_source(cfg), None, None)
     feeds = {"sharded cache": CachedLatentDataset(cache, False),
              "in-RAM cache": CachedLatentDataset(_InRam(cache), False),
              "on the fly": build_dataset(cfg)[0]}  # fmt: skip
@@ -143,9 +145,9 @@ def child_steps(teacher: str, images: Path, cache_dir: Path, rounds: int) -> dic
     for r in range(rounds):
         for k, it in loaders.items():
             t0 = time.perf_counter()
-            latents, embeds = t.latents_and_embeds(next(it), torch.Generator().manual_seed(r))
+            latents, text = t.latents_and_cond(next(it), torch.Generator().manual_seed(r))
             t1 = time.perf_counter()
-            t.unet(latents, torch.full((len(latents),), 500), embeds).sample.square().mean().backward()  # UNet work
+            t.unet(latents, torch.full((len(latents),), 500), text.embeds).sample.square().mean().backward()  # UNet
             times[k].append((t1 - t0, time.perf_counter() - t0))
     return {k: [1000 * statistics.median(x[j] for x in v[1:]) for j in (0, 1)] for k, v in times.items()}
 

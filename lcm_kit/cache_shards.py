@@ -39,9 +39,14 @@ FLIP_NAMES = ("latent_mean_flip", "latent_std_flip")
 CACHE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def tensor_names(random_flip: bool) -> tuple[str, ...]:
-    """The cache tensors of a shard: posterior mean / std (and of the flipped image), caption embeddings."""
-    return LATENT_NAMES + FLIP_NAMES * random_flip + ("prompt_embeds",)
+XL_NAMES = ("pooled_prompt_embeds", "add_time_ids")
+
+
+def tensor_names(random_flip: bool, xl: bool = False) -> tuple[str, ...]:
+    """The cache tensors of a shard: posterior mean / std (and of the flipped image), caption embeddings; SDXL adds
+    the pooled embedding and the size / crop ids (and those of the flipped image)."""
+    xl_names = XL_NAMES + ("add_time_ids_flip",) * random_flip if xl else ()
+    return LATENT_NAMES + FLIP_NAMES * random_flip + ("prompt_embeds",) + xl_names
 
 
 def shard_path(folder: Path, k: int) -> Path:
@@ -175,11 +180,12 @@ class ShardedLatentCache:
 
 
 class CachedLatentDataset(torch.utils.data.Dataset):
-    """Cached samples as ``{"latent_mean", "latent_std": (C, h, w), "prompt_embeds": (L, D)}``, float32; the flipped
+    """Cached samples as ``{"latent_mean", "latent_std": (C, h, w), "prompt_embeds": (L, D)}`` (SDXL adds
+    ``"pooled_prompt_embeds": (P,)`` and ``"add_time_ids": (6,)``), float32; the flipped
     moments with probability 0.5 under ``random_flip`` (drawn from ``(seed, epoch, index)``, as for images)."""
 
-    def __init__(self, cache: ShardedLatentCache, random_flip: bool, seed: int = 0):
-        self.cache, self.random_flip, self.seed, self.epoch = cache, random_flip, seed, 0
+    def __init__(self, cache: ShardedLatentCache, random_flip: bool, seed: int = 0, xl: bool = False):
+        self.cache, self.random_flip, self.seed, self.epoch, self.xl = cache, random_flip, seed, 0, xl
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -190,8 +196,12 @@ class CachedLatentDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         flip = draw_flip(self.random_flip, sample_generator(self.seed, self.epoch, i))
         sfx = "_flip" if flip else ""
-        return {
+        row = {
             "latent_mean": self.cache.row("latent_mean" + sfx, i),
             "latent_std": self.cache.row("latent_std" + sfx, i),
             "prompt_embeds": self.cache.row("prompt_embeds", i),
         }
+        if self.xl:
+            row["pooled_prompt_embeds"] = self.cache.row("pooled_prompt_embeds", i)
+            row["add_time_ids"] = self.cache.row("add_time_ids" + sfx, i)
+        return row

@@ -35,7 +35,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -67,7 +67,9 @@ class DataConfig:
     caption_column: str = field(
         default="text", metadata={"help": "Caption column; for shards the json key used when there is no .txt."}
     )
-    resolution: int = field(default=512, metadata={"help": "Square training resolution in pixels."})
+    resolution: int | None = field(
+        default=None, metadata={"help": "Square training resolution in pixels; default 512 (SD), 1024 (SDXL)."}
+    )
     center_crop: bool = field(default=False, metadata={"help": "Center crop (default: random crop)."})
     random_flip: bool = field(default=False, metadata={"help": "Random horizontal flip with p = 0.5."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N samples."})
@@ -90,7 +92,7 @@ class DataConfig:
             )
         if self.train_data_dir and not Path(self.train_data_dir).is_dir():
             raise ValueError(f"train_data_dir {self.train_data_dir!r} is not a directory")
-        if self.resolution <= 0 or self.resolution % 8:
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
         if self.max_train_samples is not None and self.max_train_samples <= 0:
             raise ValueError(f"max_train_samples must be > 0, got {self.max_train_samples}")
@@ -188,22 +190,50 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
+class CropBox(NamedTuple):
+    """Where a training crop comes from: the image's size after the short-side resize, the crop's top-left."""
+
+    width: int
+    height: int
+    left: int
+    top: int
+
+
+def crop_box(size: tuple[int, int], resolution: int, center_crop: bool,
+             generator: torch.Generator | None = None) -> CropBox:  # fmt: skip
+    """The resize and crop of an image of ``size = (w, h)``: short side to ``resolution``, then a center crop or a
+    random one (drawn from ``generator``: left, then top)."""
+    w, h = size
+    scale = resolution / min(w, h)
+    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    if center_crop:
+        return CropBox(new_w, new_h, (new_w - resolution) // 2, (new_h - resolution) // 2)
+    left = int(torch.randint(0, new_w - resolution + 1, (1,), generator=generator))
+    top = int(torch.randint(0, new_h - resolution + 1, (1,), generator=generator))
+    return CropBox(new_w, new_h, left, top)
+
+
+def crop_image(img: Image.Image, box: CropBox, resolution: int, flip: bool) -> torch.Tensor:
+    """Resize, crop to ``box``, optional h-flip -> ``(3, R, R)`` in [-1, 1]."""
+    img = img.resize((box.width, box.height), Image.BILINEAR)
+    img = img.crop((box.left, box.top, box.left + resolution, box.top + resolution))
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
+    return x.flip(-1) if flip else x
+
+
 def transform_image(
     img: Image.Image, resolution: int, center_crop: bool, flip: bool, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Resize short side, crop (center, or random with ``generator``), optional h-flip -> ``(3, R, R)`` in [-1, 1]."""
-    w, h = img.size
-    scale = resolution / min(w, h)
-    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    img = img.resize((new_w, new_h), Image.BILINEAR)
-    if center_crop:
-        left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
-    else:
-        left = int(torch.randint(0, new_w - resolution + 1, (1,), generator=generator))
-        top = int(torch.randint(0, new_h - resolution + 1, (1,), generator=generator))
-    img = img.crop((left, top, left + resolution, top + resolution))
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
-    return x.flip(-1) if flip else x
+    return crop_image(img, crop_box(img.size, resolution, center_crop, generator), resolution, flip)
+
+
+def size_ids(size: tuple[int, int], box: CropBox, resolution: int, flip: bool) -> torch.Tensor:
+    """SDXL's size and crop conditioning of one sample (:mod:`lcm_kit.conditioning`), float32 ``(6,)``:
+    ``(original h, original w, crop top, crop left, R, R)``. A flipped image's crop starts where the box ends,
+    counted from the other side (``width - left - R``); diffusers' SDXL scripts record ``R - left`` there instead."""
+    left = box.width - box.left - resolution if flip else box.left
+    return torch.tensor([size[1], size[0], box.top, left, resolution, resolution], dtype=torch.float32)
 
 
 def draw_flip(random_flip: bool, generator: torch.Generator) -> bool:
@@ -212,7 +242,8 @@ def draw_flip(random_flip: bool, generator: torch.Generator) -> bool:
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
-    """Valid samples of a source as ``{"pixel_values": (3, R, R) in [-1, 1], "caption": str}``."""
+    """Valid samples of a source as ``{"pixel_values": (3, R, R) in [-1, 1], "caption": str, "add_time_ids": (6,)}``
+    (the SDXL size and crop ids, :func:`size_ids`; an SD teacher ignores them)."""
 
     def __init__(self, source: HFSource | ShardSource, indices: Sequence[int], config: DataConfig, seed: int = 0):
         self.source, self.indices, self.config, self.seed, self.epoch = source, list(indices), config, seed, 0
@@ -230,8 +261,10 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             raise RuntimeError(f"image {self.indices[i]} became unreadable after the start-up scan")
         gen = sample_generator(self.seed, self.epoch, i)
         flip = draw_flip(self.config.random_flip, gen)
-        x = transform_image(img, self.config.resolution, self.config.center_crop, flip, gen)
-        return {"pixel_values": x, "caption": caption}
+        res = self.config.resolution
+        box = crop_box(img.size, res, self.config.center_crop, gen)
+        return {"pixel_values": crop_image(img, box, res, flip), "caption": caption,
+                "add_time_ids": size_ids(img.size, box, res, flip)}  # fmt: skip
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):

@@ -7,7 +7,10 @@ What is cached, for each valid sample (images that decode and have a caption, in
   ``latent_dist.sample() * scaling_factor``);
 * ``latent_mean_flip``, ``latent_std_flip`` -- the same for the horizontally flipped image (only with
   ``random_flip``; the VAE is not flip-equivariant, so flipped images are encoded too);
-* ``prompt_embeds`` -- ``(L, D)`` text-encoder last hidden states of the caption.
+* ``prompt_embeds`` -- ``(L, D)`` text-encoder last hidden states of the caption (SDXL: both encoders' penultimate
+  ones, concatenated, :mod:`lcm_kit.conditioning`);
+* SDXL only: ``pooled_prompt_embeds`` ``(P,)`` and ``add_time_ids`` ``(6,)``, the size / crop ids of the fixed
+  center crop (``add_time_ids_flip`` for the flipped image).
 
 They are stored in ``cache_dtype`` (fp32 by default: training results are then the same as encoding on the fly with
 the same noise; fp16 / bf16 halve the disk and page-cache footprint) and read back as float32. The files, the index
@@ -43,7 +46,8 @@ import torch
 
 from . import cache_shards as CS
 from .atomic import check_writable
-from .data import DataConfig, HFSource, ShardSource, decode_image, transform_image
+from .conditioning import PromptEncoder
+from .data import DataConfig, HFSource, ShardSource, crop_box, crop_image, decode_image, size_ids
 from .digests import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -54,7 +58,8 @@ def _teacher_signature(teacher_dir: str | os.PathLike) -> dict:
     """sha256 of the files the cache is computed with: the VAE, the text encoder and the tokenizer (a hub id, with
     no local folder to read: the id)."""
     root = Path(teacher_dir)
-    subs = [root / sub for sub in ("vae", "text_encoder", "tokenizer") if (root / sub).is_dir()]
+    names = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")  # the last two: SDXL's
+    subs = [root / sub for sub in names if (root / sub).is_dir()]
     if not subs:
         return {"teacher": str(teacher_dir)}
     return {f"{f.parent.name}/{f.name}": file_sha256(f) for sub in subs for f in sorted(sub.glob("*")) if f.is_file()}
@@ -70,15 +75,6 @@ def cache_path(config: DataConfig, teacher_dir: str | os.PathLike, source: HFSou
 
 
 @torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
-    """Text-encoder last hidden states ``(B, L, D)`` of padded, truncated captions (SD1.x conditioning)."""
-    ids = tokenizer(
-        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-    return text_encoder(ids.to(text_encoder.device))[0]
-
-
-@torch.no_grad()
 def encode_posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """VAE posterior ``(mean, std)`` of ``pixels`` (B,3,H,W) in [-1, 1], both times ``scaling_factor``, on the VAE."""
     dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
@@ -88,28 +84,33 @@ def encode_posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 def encode_shard(config: DataConfig, source, rows: range, encoders: tuple, batch_size: int = 16) -> dict:
     """Cache tensors of the valid samples among source ``rows`` (center crop; flipped copies with ``random_flip``),
-    encoded ``batch_size`` at a time, in ``cache_dtype``; ``source_index`` says which rows they are."""
-    vae, text_encoder, tokenizer = encoders
+    encoded ``batch_size`` at a time, in ``cache_dtype`` (SDXL's size / crop ids in float32); ``source_index`` says
+    which rows they are. ``encoders``: the VAE and the :class:`~lcm_kit.conditioning.PromptEncoder`."""
+    vae, text = encoders
     items = []
     for i in rows:
         raw, caption = source.raw(i)
         img = decode_image(raw) if caption is not None else None
         if img is not None:
-            items.append((i, transform_image(img, config.resolution, config.center_crop, False), caption))
-    dtype = CS.CACHE_DTYPES[config.cache_dtype]
-    out: dict[str, list[torch.Tensor]] = {n: [] for n in CS.tensor_names(config.random_flip)}
+            box = crop_box(img.size, config.resolution, config.center_crop)
+            items.append((i, crop_image(img, box, config.resolution, False), caption, (img.size, box)))
+    dtype, flips = CS.CACHE_DTYPES[config.cache_dtype], (False, True) if config.random_flip else (False,)
+    out: dict[str, list[torch.Tensor]] = {n: [] for n in CS.tensor_names(config.random_flip, text.xl)}
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        pixels = torch.stack([x for _, x, _ in chunk])
-        for flip in (False, True) if config.random_flip else (False,):
+        pixels = torch.stack([x for _, x, _, _ in chunk])
+        for flip in flips:
             mean, std = encode_posterior(vae, pixels.flip(-1) if flip else pixels)
             sfx = "_flip" if flip else ""
             out["latent_mean" + sfx].append(mean.float().cpu().to(dtype))
             out["latent_std" + sfx].append(std.float().cpu().to(dtype))
-        embeds = encode_prompts(tokenizer, text_encoder, [c for _, _, c in chunk])
-        out["prompt_embeds"].append(embeds.float().cpu().to(dtype))
+            if text.xl:
+                ids = [size_ids(size, box, config.resolution, flip) for _, _, _, (size, box) in chunk]
+                out["add_time_ids" + sfx].append(torch.stack(ids))
+        for name, embeds in text([c for _, _, c, _ in chunk]).items():
+            out[name].append(embeds.float().cpu().to(dtype))
     tensors = {k: torch.cat(v) for k, v in out.items() if v}
-    return {"source_index": torch.tensor([i for i, _, _ in items], dtype=torch.int64), **tensors}
+    return {"source_index": torch.tensor([i for i, *_ in items], dtype=torch.int64), **tensors}
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,8 @@ def build_share(config: DataConfig, source, folder: Path, key: str, encoders: tu
     """Encodes and writes this process's missing or unreadable shards, with a progress bar (size, throughput)."""
     from tqdm.auto import tqdm
 
-    n, size, names = _n_rows(config, source), config.cache_shard_size, CS.tensor_names(config.random_flip)
+    xl = encoders[1] is not None and encoders[1].xl  # no encoders: nothing to encode, the key tells SDXL caches apart
+    n, size, names = _n_rows(config, source), config.cache_shard_size, CS.tensor_names(config.random_flip, xl)
     mine = range(ctx.rank, math.ceil(n / size), ctx.world)
     todo = [k for k in mine if CS.shard_rows(CS.shard_path(folder, k), key, names) is None]
     total = sum(len(range(k * size, min(n, (k + 1) * size))) for k in todo)
@@ -166,7 +168,7 @@ def _drop_damaged(folder: Path, key: str, cache_dir: str) -> None:
 
 
 def cached_latents(
-    config: DataConfig, teacher_dir, source, vae, text_encoder, tokenizer, ctx: BuildContext = BuildContext()
+    config: DataConfig, teacher_dir, source, vae, text: PromptEncoder | None, ctx: BuildContext = BuildContext()
 ) -> tuple[CS.ShardedLatentCache, int, Path]:
     """Opens the cache for this teacher/data/transform, building (or completing, or repairing) it first if needed.
 
@@ -187,7 +189,7 @@ def cached_latents(
     complete = (folder / CS.INDEX_NAME).is_file()
     if not complete:
         check_writable(config.cache_dir, "cache_dir")  # before anything is decoded or encoded, not after
-        build_share(config, source, folder, key, (vae, text_encoder, tokenizer), ctx)
+        build_share(config, source, folder, key, (vae, text), ctx)
     ctx.barrier()
     if ctx.rank == 0 and not complete:
         index = CS.write_index(folder, key, _n_rows(config, source), config.cache_shard_size)

@@ -152,6 +152,15 @@ def check_sdxl(path: str | os.PathLike, hub_kwargs: dict[str, Any]) -> dict:
     return _read_config(DiffusionPipeline, path, None, hub_kwargs)
 
 
+def is_sdxl_folder(path: str | os.PathLike, hub_kwargs: dict[str, Any] | None = None) -> bool:
+    """Whether the UNet config of ``path`` has SDXL's ``addition_embed_type="text_time"``; reads only JSON (an
+    unreadable config: ``False``, left to the loading's own error)."""
+    from diffusers import UNet2DConditionModel
+
+    config = _read_config(UNet2DConditionModel, path, "unet", hub_kwargs or {})
+    return config.get("addition_embed_type") == "text_time"
+
+
 def checked_components(path: str | os.PathLike, kwargs: dict[str, Any], sdxl: bool = False) -> dict[str, Any]:
     """``kwargs`` of ``DiffusionPipeline.from_pretrained(path, **kwargs)`` with the folder checked
     (:func:`check_supported`, or :func:`check_sdxl` when ``sdxl``) and its UNet, VAE and CLIP text encoder(s) loaded
@@ -206,7 +215,8 @@ def _component_dtype(torch_dtype, name: str):
 
 
 __all__ = [
-    "check_sdxl", "check_supported", "checked_components", "checked_pipeline_kwargs", "load_checked", "loading_error",
+    "check_sdxl", "check_supported", "checked_components", "checked_pipeline_kwargs", "is_sdxl_folder", "load_checked",
+    "loading_error",
     "native_resolution", "unsupported_reasons",
 ]
 

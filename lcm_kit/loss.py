@@ -86,9 +86,10 @@ class DistillLossConfig:
             raise ValueError(f"num_ddim_timesteps must be an int, got {self.num_ddim_timesteps!r}")
         if self.num_ddim_timesteps < 1:
             raise ValueError(f"num_ddim_timesteps must be an int >= 1, got {self.num_ddim_timesteps!r}")
-        if self.w_min < 0:
+        # w_min None: the distiller's per-teacher default (lcm_kit.distill.config), resolved before any use
+        if self.w_min is not None and self.w_min < 0:
             raise ValueError(f"w_min must be >= 0 (LCM convention, w = guidance_scale - 1), got {self.w_min}")
-        if self.w_min > self.w_max:
+        if self.w_min is not None and self.w_min > self.w_max:
             raise ValueError(f"w_min ({self.w_min}) must be <= w_max ({self.w_max})")
         if self.loss_type not in self.LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {self.LOSS_TYPES}, got {self.loss_type!r}")

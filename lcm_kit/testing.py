@@ -180,8 +180,10 @@ def build_tiny_sdxl(time_cond_proj_dim: int | None = None, latent_size: int = 8,
     """Builds the components of a tiny SDXL pipeline (random weights, VAE factor 2) as a dict of modules.
 
     SDXL's shape in miniature: a ``CLIPTextModel`` (width 16) and a ``CLIPTextModelWithProjection`` (width 16,
-    projection 8), two layers each (SDXL reads the penultimate one); the UNet cross-attends to both, concatenated
-    (32), and takes ``addition_embed_type="text_time"``: the pooled embedding (8) plus 6 time ids of 8 dims each.
+    projection 8), two layers each (SDXL reads the penultimate one); the UNet has SDXL's block pattern (two layers
+    per block, attention only in the deeper block, two transformer layers there), cross-attends to both encoders,
+    concatenated (32), and takes ``addition_embed_type="text_time"``: the pooled embedding (8) plus 6 time ids of 8
+    dims each.
 
     Args:
         time_cond_proj_dim: Give the UNet a guidance-scale embedding of this width (an LCM-SDXL UNet), or none.
@@ -197,7 +199,11 @@ def build_tiny_sdxl(time_cond_proj_dim: int | None = None, latent_size: int = 8,
     tokenizer = write_byte_clip_tokenizer(tokenizer_dir or tempfile.mkdtemp(prefix="lcm_kit_tok_"))
     width, projection_dim, time_embed_dim = 16, 8, 8
     torch.manual_seed(seed)
-    unet_config = tiny_unet_config((8, 16), latent_size, 2 * width, time_cond_proj_dim)
+    unet_config = {  # SDXL's block pattern: no attention in the first block, 2 layers per block
+        **tiny_unet_config((8, 16), latent_size, 2 * width, time_cond_proj_dim), "layers_per_block": 2,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"), "transformer_layers_per_block": (1, 2),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    }  # fmt: skip
     unet = UNet2DConditionModel(
         **unet_config, addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
         projection_class_embeddings_input_dim=6 * time_embed_dim + projection_dim, use_linear_projection=True,

@@ -30,9 +30,11 @@ def encoders(tiny_sd_dir):
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from lcm_kit.conditioning import PromptEncoder
+
     return (AutoencoderKL.from_pretrained(tiny_sd_dir, subfolder="vae"),
-            CLIPTextModel.from_pretrained(tiny_sd_dir, subfolder="text_encoder"),
-            CLIPTokenizer.from_pretrained(tiny_sd_dir, subfolder="tokenizer"))  # fmt: skip
+            PromptEncoder([CLIPTokenizer.from_pretrained(tiny_sd_dir, subfolder="tokenizer")],
+                          [CLIPTextModel.from_pretrained(tiny_sd_dir, subfolder="text_encoder")]))  # fmt: skip
 
 
 def cache_config(folder: Path, cache_dir: Path, **kw) -> DataConfig:
@@ -68,7 +70,7 @@ def test_cache_round_trip(tmp_path, tiny_sd_dir, encoders):
     assert not torch.equal(cache.row("latent_mean", 0), cache.row("latent_mean_flip", 0))
     # reused as is by a later run: no re-encode (the VAE is not even needed), no file rewritten
     before, files = stamps(path), folder_bytes(path)
-    again, skipped2, path2 = cached_latents(cfg, tiny_sd_dir, open_source(cfg), None, None, None)
+    again, skipped2, path2 = cached_latents(cfg, tiny_sd_dir, open_source(cfg), None, None)
     assert path2 == path and skipped2 == 1 and stamps(path) == before and folder_bytes(path) == files
     assert all(torch.equal(again.row("prompt_embeds", i), cache.row("prompt_embeds", i)) for i in range(3))
     # another resolution, shard size or dtype -> another folder
@@ -84,7 +86,7 @@ def test_shards_without_a_valid_sample_and_an_all_corrupt_data_set(tmp_path, tin
     assert len(cache) == 3 and skipped == 2 and len(list(path.glob("shard-*"))) == 3
     before = stamps(path)
     (path / INDEX_NAME).unlink()  # killed before the index: the empty shard counts as written, nothing re-encoded
-    assert cached_latents(cfg, tiny_sd_dir, open_source(cfg), None, None, None)[0].index.files == cache.index.files
+    assert cached_latents(cfg, tiny_sd_dir, open_source(cfg), None, None)[0].index.files == cache.index.files
     assert stamps(path) == before
     bad = cache_config(make_image_folder(tmp_path / "bad", n=0, corrupt=2), tmp_path / "cache")
     with pytest.raises(ValueError, match="the training dataset is empty: 2 sample"):
@@ -147,21 +149,24 @@ def test_unwritable_cache_dir_fails_before_any_encoding(tmp_path, tiny_sd_dir):
         cfg = DataConfig(train_data_dir=str(folder), resolution=16, center_crop=True, cache_dir=str(cache_dir))
         # no VAE / text encoder at all: the check must come before the scan and the encoding
         with pytest.raises(ValueError, match=f"cache_dir {re.escape(repr(str(cache_dir)))} is not writable"):
-            cached_latents(cfg, tiny_sd_dir, open_source(cfg), None, None, None)
+            cached_latents(cfg, tiny_sd_dir, open_source(cfg), None, None)
 
 
-@pytest.mark.parametrize("shard_size, batch_size, random_flip", [(1, 1, True), (8, 5, False)])
-def test_cached_batches_equal_encoding_on_the_fly(tmp_path, tiny_sd_dir, encoders, shard_size, batch_size,
-                                                  random_flip):  # fmt: skip
+@pytest.mark.parametrize("shard_size, batch_size, random_flip, teacher_dir",
+                         [(1, 1, True, "tiny_sd_dir"), (8, 5, False, "tiny_sd_dir"), (1, 1, True, "tiny_sdxl_dir")])
+def test_cached_batches_equal_encoding_on_the_fly(tmp_path, request, shard_size, batch_size, random_flip,
+                                                  teacher_dir):  # fmt: skip
     # Same batches bit for bit, with the same noise, when the VAE sees the same images together (its floats depend
-    # on the batch: one image per shard and per batch, or the whole data set in one shard and one batch).
+    # on the batch: one image per shard and per batch, or the whole data set in one shard and one batch). SDXL:
+    # the pooled embeddings and the size / crop ids (of the flipped image too) as well.
     from lcm_kit.distill.networks import load_teacher
 
-    teacher = load_teacher(tiny_sd_dir, torch.device("cpu"), torch.float32)
+    teacher_dir = request.getfixturevalue(teacher_dir)
+    teacher = load_teacher(teacher_dir, torch.device("cpu"), torch.float32)
     folder = make_image_folder(tmp_path / "imgs", n=5, corrupt=1)
     cfg = cache_config(folder, tmp_path / "cache", random_flip=random_flip, cache_shard_size=shard_size)
-    cache, _, _ = cached_latents(cfg, tiny_sd_dir, open_source(cfg), *encoders)
-    datasets = [CachedLatentDataset(cache, random_flip, seed=3), build_dataset(cfg, seed=3)[0]]
+    cache, _, _ = cached_latents(cfg, teacher_dir, open_source(cfg), teacher.vae, teacher.text)
+    datasets = [CachedLatentDataset(cache, random_flip, 3, teacher.xl), build_dataset(cfg, seed=3)[0]]
     assert len(datasets[0]) == len(datasets[1]) == 5
     for epoch in (0, 1):
         sampler = EpochSampler(5, seed=3, shuffle=batch_size == 1)
@@ -171,8 +176,10 @@ def test_cached_batches_equal_encoding_on_the_fly(tmp_path, tiny_sd_dir, encoder
             ds.set_epoch(epoch)
             loaders.append(torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler))
         for step, (cached, pixels) in enumerate(zip(*loaders, strict=True)):
-            got = [teacher.latents_and_embeds(b, torch.Generator().manual_seed(step)) for b in (cached, pixels)]
-            assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1]), (epoch, step)
+            got = [teacher.latents_and_cond(b, torch.Generator().manual_seed(step)) for b in (cached, pixels)]
+            assert torch.equal(got[0][0], got[1][0]), (epoch, step)
+            pairs = zip(got[0][1], got[1][1], strict=True)
+            assert all(a is b is None or torch.equal(a, b) for a, b in pairs), (epoch, step)
 
 
 KILLED_BUILD = """
@@ -180,6 +187,7 @@ import sys, time, torch
 from diffusers import AutoencoderKL
 from transformers import CLIPTextModel, CLIPTokenizer
 from lcm_kit.data import DataConfig, open_source
+from lcm_kit.conditioning import PromptEncoder
 from lcm_kit.latent_cache import cached_latents
 torch.set_num_threads(1)
 teacher, images, cache_dir = sys.argv[1:]
@@ -190,7 +198,7 @@ te = CLIPTextModel.from_pretrained(teacher, subfolder="text_encoder")
 tok = CLIPTokenizer.from_pretrained(teacher, subfolder="tokenizer")
 cfg = DataConfig(train_data_dir=images, cache_dir=cache_dir, resolution=16, center_crop=True, random_flip=True,
                  cache_shard_size=1)
-cached_latents(cfg, teacher, open_source(cfg), vae, te, tok)
+cached_latents(cfg, teacher, open_source(cfg), vae, PromptEncoder([tok], [te]))
 """
 
 

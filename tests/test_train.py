@@ -118,11 +118,12 @@ def test_full_run_loads_with_lcm_pipeline(tmp_path, tiny_sd_dir, images):
 def test_w_student_starts_equal_to_teacher(tiny_sd_dir):
     from diffusers import UNet2DConditionModel
 
+    from lcm_kit.conditioning import TextCond
     from lcm_kit.distill.networks import call_unet, w_student_from
 
     teacher = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet")
     student = w_student_from(teacher, 256)
-    z, t, e = torch.randn(2, 4, 8, 8), torch.tensor([999, 259]), torch.randn(2, 77, 16)
+    z, t, e = torch.randn(2, 4, 8, 8), torch.tensor([999, 259]), TextCond(torch.randn(2, 77, 16))
     with torch.no_grad():
         torch.testing.assert_close(
             call_unet(student, z, t, e, torch.tensor([3.0, 14.0]), 256), call_unet(teacher, z, t, e), rtol=0, atol=0

@@ -64,7 +64,7 @@ def register_hooks(accelerator, nets: Networks) -> None:
         if nets.target is None:
             path = os.path.join(input_dir, LORA_WEIGHT_NAME)
             try:
-                state = to_peft(load_file(path), adapter_state_dict(student, "default"))
+                state = to_peft(load_file(path), adapter_state_dict(student, "default"), student.config)
             except ValueError as err:
                 raise ValueError(f"checkpoint {path} does not match the model: {err}") from err
             set_peft_model_state_dict(student, state)

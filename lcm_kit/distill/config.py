@@ -25,9 +25,12 @@ from transformers import HfArgumentParser
 
 from ..consistency_training import ConsistencyTrainingConfig
 from ..data import DataConfig
+from ..loading import is_sdxl_folder
 from ..loss import DistillLossConfig
 from ..schedules import check_num_phases
 
+# Flags whose default depends on the teacher (SD 1.x/2.x: False, SDXL: True), as diffusers' LCM scripts.
+TEACHER_DEFAULTS = {False: {"resolution": 512, "w_min": 5.0}, True: {"resolution": 1024, "w_min": 3.0}}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _NOT_FLAGS = ("prediction_type",)  # read from the teacher's scheduler config, never from the command line
 
@@ -107,6 +110,11 @@ class ObjectiveConfig(ConsistencyTrainingConfig, DistillLossConfig):
     num_phases: int = field(
         default=4, metadata={"help": "pcm: phases M of the trajectory; the student samples in exactly M steps."}
     )
+    w_min: float | None = field(
+        default=None,
+        metadata={"help": "Lower bound of the guidance w ~ U[w_min, w_max], LCM convention cond + w * (cond - uncond) "
+                  "(= guidance_scale - 1); default as diffusers' LCM(-LoRA) scripts: 5 (SD), 3 (SDXL)."},
+    )  # fmt: skip
     sampling_gamma: float | None = field(
         default=None,
         metadata={"help": "gamma (TCD's stochasticity, 0: deterministic) recorded in the student's sampling "
@@ -232,6 +240,17 @@ class RunConfig:
             return self
         return replace(self, objective=replace(self.objective, ct_total_steps=self.optim.max_train_steps))
 
+    def with_teacher_defaults(self) -> RunConfig:
+        """``resolution`` and ``w_min`` left unset resolved for the teacher's kind (:data:`TEACHER_DEFAULTS`, read
+        from its JSON configs: an SDXL UNet has ``addition_embed_type="text_time"``)."""
+        defaults = TEACHER_DEFAULTS[is_sdxl_folder(self.model.pretrained_teacher_model)]
+        data, objective = self.data, self.objective
+        if data.resolution is None:
+            data = replace(data, resolution=defaults["resolution"])
+        if objective.w_min is None:
+            objective = replace(objective, w_min=defaults["w_min"])
+        return replace(self, data=data, objective=objective)
+
     def with_prediction_type(self, prediction_type: str) -> RunConfig:
         """The same config with the teacher's parameterisation in the objective."""
         return replace(self, objective=replace(self.objective, prediction_type=prediction_type))
@@ -270,4 +289,4 @@ def parse_config(argv: Sequence[str] | None = None, description: str | None = No
         raise ValueError(f"{retired[0]} is gone: {_RETIRED[retired[0]]}")
     if unknown:
         raise ValueError(f"unknown argument(s) {unknown}; `python train/distill_lora.py --help` lists the flags")
-    return RunConfig(*parts).with_curriculum_length()
+    return RunConfig(*parts).with_curriculum_length().with_teacher_defaults()

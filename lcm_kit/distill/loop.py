@@ -1,7 +1,7 @@
 """The distillation loop: accelerate set-up, exact resume, accumulation, clipping, EMA, NaN guard, checkpoints,
 logging and validation grids. :func:`run` is everything ``train/distill_lora.py`` does after parsing its flags.
 
-One optimizer step: a batch (cached latents or pixels) -> :meth:`Teacher.latents_and_embeds` -> the objective
+One optimizer step: a batch (cached latents or pixels) -> :meth:`Teacher.latents_and_cond` -> the objective
 (:mod:`lcm_kit.distill.objectives`) over :meth:`Networks.callables` -> backward, clip, AdamW, LR schedule -> EMA
 (full mode) -> checkpoint / validation (:mod:`lcm_kit.distill.checkpoints`, :mod:`lcm_kit.distill.outputs`).
 
@@ -24,8 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..functional import drop_condition
-from ..latent_cache import encode_prompts
+from ..conditioning import TextCond
 from ..lora import adapter_mode
 from ..loss import DistillLossOutput
 from . import checkpoints as ckpts
@@ -49,7 +48,7 @@ class TrainState:
     loader: Any
     optimizer: Any
     lr_scheduler: Any
-    uncond: torch.Tensor  # (1, L, D) embedding of the empty prompt (the teacher's unconditional branch)
+    uncond: TextCond  # the teacher's unconditional text, batch 1 (the empty prompt's, or SDXL's zeros)
     n_data: int
     skipped: int
 
@@ -71,7 +70,7 @@ def setup(config: RunConfig, accelerator) -> TrainState:
     opt, sched = make_optimizer(config.optim, nets.params)
     nets.student, opt, loader, sched = accelerator.prepare(nets.student, opt, loader, sched)
     ckpts.register_hooks(accelerator, nets)
-    uncond = encode_prompts(teacher.tokenizer, teacher.text_encoder, [""])
+    uncond = teacher.text.uncond()
     return TrainState(config, teacher, nets, objective, loader, opt, sched, uncond, n_data, skipped)
 
 
@@ -85,12 +84,12 @@ def batch_loss(state: TrainState, base: torch.nn.Module, batch: dict, generator:
                data_scale: float = 1.0, step: int = 0) -> DistillLossOutput:  # fmt: skip
     """The objective on one micro-batch at global optimizer step ``step`` (``data_scale`` multiplies the latents: a
     test hook for non-finite data). Draws: the VAE sample, the caption dropout (if any), then the objective's."""
-    latents, embeds = state.teacher.latents_and_embeds(batch, generator)
+    latents, text = state.teacher.latents_and_cond(batch, generator)
     p_drop = state.config.objective.caption_dropout_p
     if p_drop > 0:
-        drop = torch.rand(embeds.shape[0], generator=generator, dtype=torch.float64) < p_drop
-        embeds = drop_condition(embeds, state.uncond, drop)
-    fns = state.nets.callables(base, embeds, state.uncond)
+        drop = torch.rand(latents.shape[0], generator=generator, dtype=torch.float64) < p_drop
+        text = text.dropped(state.uncond, drop)
+    fns = state.nets.callables(base, text, state.uncond)
     return state.objective(fns, latents * data_scale, generator, step)
 
 

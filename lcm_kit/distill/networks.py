@@ -23,8 +23,9 @@ from typing import Any, NamedTuple
 import torch
 
 from .. import functional as F
-from ..latent_cache import encode_posterior, encode_prompts
-from ..loading import check_supported, load_checked
+from ..conditioning import PromptEncoder, TextCond
+from ..latent_cache import encode_posterior
+from ..loading import check_sdxl, check_supported, is_sdxl_folder, load_checked
 from ..lora import EMA_ADAPTER, adapter_mode, add_ema_adapter, add_lcm_lora, teacher_mode
 from ..scheduler import LCMKitScheduler
 from .config import ModelConfig
@@ -32,14 +33,18 @@ from .config import ModelConfig
 
 @dataclass
 class Teacher:
-    """The frozen parts of the teacher SD pipeline and its noise schedule."""
+    """The frozen parts of the teacher SD / SDXL pipeline and its noise schedule."""
 
     path: str
-    tokenizer: Any
-    text_encoder: torch.nn.Module
+    text: PromptEncoder  # tokenizer(s) and text encoder(s), SDXL's pair when ``xl``
     vae: torch.nn.Module
     unet: torch.nn.Module
     scheduler: LCMKitScheduler  # the teacher's noise schedule, LCM defaults elsewhere
+
+    @property
+    def xl(self) -> bool:
+        """An SDXL teacher (two text encoders, pooled embedding and size / crop ids)."""
+        return self.text.xl
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -51,20 +56,30 @@ class Teacher:
         """The teacher's parameterisation (``epsilon``, ``v_prediction`` or ``sample``)."""
         return self.scheduler.config.prediction_type
 
+    def components(self) -> dict[str, Any]:
+        """The text and VAE components of an ``LCMPipeline`` / ``LCMXLPipeline`` (all but unet and scheduler)."""
+        names = (("tokenizer", "tokenizer_2"), ("text_encoder", "text_encoder_2"))
+        out = {"vae": self.vae}
+        for kind, modules in zip(names, (self.text.tokenizers, self.text.text_encoders), strict=True):
+            out.update(zip(kind, modules, strict=False))
+        return out
+
     @torch.no_grad()
-    def latents_and_embeds(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(latents (B,C,h,w) times scaling_factor, prompt_embeds (B,L,D))`` from a cached or a pixel batch.
+    def latents_and_cond(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, TextCond]:
+        """``(latents (B,C,h,w) times scaling_factor, text conditioning)`` from a cached or a pixel batch.
 
         Both paths draw ``mean + std * eps`` from the VAE posterior with ``generator`` (``latent_dist.sample()``).
         """
         device = self.vae.device
         if "latent_mean" in batch:
-            mean, std, embeds = batch["latent_mean"], batch["latent_std"], batch["prompt_embeds"]
+            mean, std, text = batch["latent_mean"], batch["latent_std"], batch
         else:
             mean, std = encode_posterior(self.vae, batch["pixel_values"])
-            embeds = encode_prompts(self.tokenizer, self.text_encoder, list(batch["caption"]))
+            text = self.text(list(batch["caption"]))
         eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device, mean.dtype)
-        return (mean + std * eps).float().to(device), embeds.to(device)
+        pooled = text["pooled_prompt_embeds"] if self.xl else None
+        cond = TextCond(text["prompt_embeds"], pooled, batch["add_time_ids"] if self.xl else None)
+        return (mean + std * eps).float().to(device), cond.to(device)
 
 
 def weight_dtype_for(mixed_precision: str) -> torch.dtype:
@@ -73,34 +88,34 @@ def weight_dtype_for(mixed_precision: str) -> torch.dtype:
 
 
 def load_teacher(path: str, device: torch.device, weight_dtype: torch.dtype) -> Teacher:
-    """Loads tokenizer, text encoder (``weight_dtype``), VAE (fp32, as diffusers' SD scripts), UNet (fp32) and the
-    noise schedule (``LCMKitScheduler.from_config`` of the folder's scheduler: same betas and prediction type).
+    """Loads tokenizer(s), text encoder(s) (``weight_dtype``), VAE (fp32, as diffusers' SD scripts: SDXL's
+    ``force_upcast`` VAE thus always encodes in fp32), UNet (fp32) and the noise schedule
+    (``LCMKitScheduler.from_config`` of the folder's scheduler: same betas and prediction type). An SDXL folder
+    (UNet ``addition_embed_type="text_time"``) loads both text encoders and its ``force_zeros_for_empty_prompt``.
 
     Raises:
-        ValueError: if the folder is not SD 1.x/2.x-style (e.g. SDXL), a component's weights do not all load
-            (:mod:`lcm_kit.loading`), or the teacher UNet already has a guidance embedding (distill from a plain SD
+        ValueError: if the folder is neither SD 1.x/2.x- nor SDXL-style, a component's weights do not all load
+            (:mod:`lcm_kit.loading`), or the teacher UNet already has a guidance embedding (distill from a plain
             UNet).
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    check_supported(path, role="--pretrained_teacher_model")
+    xl = is_sdxl_folder(path)
+    index = check_sdxl(path, {}) if xl else check_supported(path, role="--pretrained_teacher_model")
     scheduler = LCMKitScheduler.from_config(LCMKitScheduler.load_config(path, subfolder="scheduler"))
     unet = load_checked(UNet2DConditionModel, path, "unet")
     if unet.config.time_cond_proj_dim is not None:
-        raise ValueError(f"teacher UNet at {path!r} already has a guidance embedding; distill from a plain SD UNet")
-    text_encoder = load_checked(CLIPTextModel, path, "text_encoder")
+        raise ValueError(f"teacher UNet at {path!r} already has a guidance embedding; distill from a plain UNet")
+    kinds = (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection))[: 1 + xl]
+    encoders = [load_checked(cls, path, name) for name, cls in kinds]
     vae = load_checked(AutoencoderKL, path, "vae")
-    for m in (text_encoder, vae):
+    for m in (*encoders, vae):
         m.requires_grad_(False).eval()
-    return Teacher(
-        path=path,
-        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-        text_encoder=text_encoder.to(device, weight_dtype),
-        vae=vae.to(device),
-        unet=unet.to(device),
-        scheduler=scheduler,
-    )
+    tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder=sub) for sub in ("tokenizer", "tokenizer_2")[: 1 + xl]]
+    zeros = xl and bool(index.get("force_zeros_for_empty_prompt", True))
+    text = PromptEncoder(tokenizers, [e.to(device, weight_dtype) for e in encoders], zeros)
+    return Teacher(path=path, text=text, vae=vae.to(device), unet=unet.to(device), scheduler=scheduler)
 
 
 class ModelFns(NamedTuple):
@@ -115,10 +130,10 @@ class ModelFns(NamedTuple):
     target: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def call_unet(unet, z, t, embeds, w=None, w_dim=None, dtype=torch.float32) -> torch.Tensor:
-    """Raw UNet output for ``z (B,C,H,W)``, ``t (B,)``, text ``embeds (B,L,D)`` and, with ``w_dim``, ``w (B,)``."""
+def call_unet(unet, z, t, text: TextCond, w=None, w_dim=None, dtype=torch.float32) -> torch.Tensor:
+    """Raw UNet output for ``z (B,C,H,W)``, ``t (B,)``, the ``text`` conditioning and, with ``w_dim``, ``w (B,)``."""
     cond = F.guidance_scale_embedding(w, w_dim).to(dtype) if w_dim else None
-    return unet(z.to(dtype), t, encoder_hidden_states=embeds.to(dtype), timestep_cond=cond).sample
+    return unet(z.to(dtype), t, timestep_cond=cond, **text.unet_kwargs(dtype)).sample
 
 
 @dataclass
@@ -149,28 +164,30 @@ class Networks:
         """The LoRA adapter that is saved and validated: the EMA copy (``sample_ema_adapter``) or the trained one."""
         return EMA_ADAPTER if self.sample_ema_adapter else "default"
 
-    def callables(self, base: torch.nn.Module, embeds: torch.Tensor, uncond: torch.Tensor) -> ModelFns:
-        """:class:`ModelFns` for text ``embeds (B,L,D)``; ``base`` is the unwrapped student (no DDP for no-grad)."""
+    def callables(self, base: torch.nn.Module, text: TextCond, uncond: TextCond) -> ModelFns:
+        """:class:`ModelFns` for the batch's ``text`` (``uncond``: the teacher's unconditional text, batch 1);
+        ``base`` is the unwrapped student (no DDP for no-grad)."""
         dtype = self.weight_dtype
         s_dtype = dtype if self.teacher is None else torch.float32
+        both = text.cat(text.unconditional(uncond))
 
         def student(z, t, w):
-            return call_unet(self.student, z, t, embeds, w, self.w_dim, s_dtype)
+            return call_unet(self.student, z, t, text, w, self.w_dim, s_dtype)
 
         def teacher(z, t):  # cond and uncond batched in one UNet call
-            z2, t2, e2 = torch.cat([z, z]), torch.cat([t, t]), torch.cat([embeds, uncond.expand_as(embeds)])
+            z2, t2 = torch.cat([z, z]), torch.cat([t, t])
             if self.teacher is None:
                 with teacher_mode(base):
-                    out = call_unet(base, z2, t2, e2, dtype=dtype)
+                    out = call_unet(base, z2, t2, both, dtype=dtype)
             else:
-                out = call_unet(self.teacher, z2, t2, e2, dtype=dtype)
+                out = call_unet(self.teacher, z2, t2, both, dtype=dtype)
             return out.chunk(2)
 
         def target(z, t, w):
             if self.ema_pairs:
                 with adapter_mode(base, EMA_ADAPTER):
-                    return call_unet(base, z, t, embeds, w, self.w_dim, s_dtype)
-            return call_unet(self.sampling_unet(base), z, t, embeds, w, self.w_dim, s_dtype)
+                    return call_unet(base, z, t, text, w, self.w_dim, s_dtype)
+            return call_unet(self.sampling_unet(base), z, t, text, w, self.w_dim, s_dtype)
 
         return ModelFns(student, teacher, target)
 

@@ -34,6 +34,19 @@ def student_scheduler(teacher: Teacher, contract: SamplingContract) -> LCMKitSch
                                        sampling_contract=contract.to_dict())  # fmt: skip
 
 
+def student_pipeline(teacher: Teacher, unet: torch.nn.Module, scheduler: LCMKitScheduler):
+    """An ``LCMPipeline`` (``LCMXLPipeline`` for an SDXL teacher) of the teacher's VAE and text side and ``unet``."""
+    if not teacher.xl:
+        from ..pipeline import LCMPipeline
+
+        return LCMPipeline(unet=unet, scheduler=scheduler, **teacher.components())
+    from ..pipeline_xl import LCMXLPipeline
+
+    zeros = teacher.text.force_zeros_for_empty_prompt
+    return LCMXLPipeline(unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=zeros, add_watermarker=False,
+                         **teacher.components())  # fmt: skip
+
+
 def sampling_columns(sampling: SamplingContract) -> list[dict]:
     """Pipeline arguments of the validation grid's columns: the fixed schedule of a phased student, else 1/2/4
     steps."""
@@ -58,13 +71,9 @@ def save_final(nets: Networks, student: torch.nn.Module, teacher: Teacher, contr
     if nets.target is None:
         return save_lora(student, output_dir, peft_layout=save_peft_layout, metadata=contract.as_metadata(),
                          adapter_name=nets.sampling_adapter)  # fmt: skip
-    from ..pipeline import LCMPipeline
-
-    pipe = LCMPipeline(  # training is over: the text encoder goes back to fp32 (it ran in the mixed dtype)
-        vae=teacher.vae, text_encoder=teacher.text_encoder.to(torch.float32), tokenizer=teacher.tokenizer,
-        unet=nets.target, scheduler=student_scheduler(teacher, contract),
-    )  # fmt: skip
-    pipe.save_pretrained(output_dir)
+    for encoder in teacher.text.text_encoders:  # training is over: back to fp32 (they ran in the mixed dtype)
+        encoder.to(torch.float32)
+    student_pipeline(teacher, nets.target, student_scheduler(teacher, contract)).save_pretrained(output_dir)
     student.save_pretrained(os.path.join(output_dir, "unet_online"))
     return [Path(output_dir) / "model_index.json"]
 
@@ -171,18 +180,15 @@ def write_model_card(config: RunConfig, sampling: SamplingContract, steps: int, 
 def validation_grid(unet: torch.nn.Module, teacher: Teacher, scheduler: LCMKitScheduler, prompts: list[str],
                     seed: int, autocast, columns: list[dict]):  # fmt: skip
     """Samples of ``unet`` (rows: prompts, columns: pipeline arguments such as ``{"num_inference_steps": 2}``, fixed
-    seeds) as one PIL grid, via ``LCMPipeline``.
+    seeds) as one PIL grid, via :func:`student_pipeline`.
 
     Runs inside ``torch.random.fork_rng`` so the training RNG streams are untouched (resume stays exact);
     ``autocast`` is the accelerator's context (components may mix fp32 and bf16/fp16).
     """
     from PIL import Image
 
-    from ..pipeline import LCMPipeline
-
     was_training = unet.training
-    pipe = LCMPipeline(vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
-                       unet=unet.eval(), scheduler=scheduler)  # fmt: skip
+    pipe = student_pipeline(teacher, unet.eval(), scheduler)
     pipe.set_progress_bar_config(disable=True)
     images = []
     with torch.random.fork_rng(devices=[]), autocast():

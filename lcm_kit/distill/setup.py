@@ -40,10 +40,9 @@ def build_data(config: RunConfig, teacher: Teacher, accelerator) -> tuple[torch.
     data, seed = config.data, config.optim.seed
     if data.cache_dir:
         source = open_source(data)
-        encoders = (teacher.vae, teacher.text_encoder, teacher.tokenizer)
         ctx = build_context(accelerator, data.cache_dir)
-        cache, skipped, folder = cached_latents(data, teacher.path, source, *encoders, ctx)
-        ds = CachedLatentDataset(cache, data.random_flip, seed)
+        cache, skipped, folder = cached_latents(data, teacher.path, source, teacher.vae, teacher.text, ctx)
+        ds = CachedLatentDataset(cache, data.random_flip, seed, teacher.xl)
         if accelerator.is_main_process:
             print(f"[data] latent cache {folder}: {len(cache)} samples, {cache.nbytes / 2**20:.1f} MiB "
                   f"({cache.nbytes / len(cache) / 1024:.1f} KiB/sample)")  # fmt: skip

@@ -18,13 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..atomic import save_safetensors
 from .adapters import _strip_prefix, _unwrap, lora_state_dict
+from .sgm import is_sdxl_unet, sgm_module
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PEFT_WEIGHT_NAME = "pytorch_lora_weights_peft.safetensors"
@@ -82,7 +84,8 @@ def save_lora(
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     out, extra = Path(output_dir), metadata or {}
-    paths = [save_safetensors(to_kohya(state, alpha), out / weight_name, {**_metadata(rank, alpha), **extra})]
+    kohya = to_kohya(state, alpha, _unwrap(unet).config)
+    paths = [save_safetensors(kohya, out / weight_name, {**_metadata(rank, alpha), **extra})]
     if peft_layout:
         paths.append(save_safetensors(state, out / PEFT_WEIGHT_NAME, {**_metadata(rank, alpha, targets), **extra}))
     return paths
@@ -90,11 +93,12 @@ def save_lora(
 
 def kohya_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The tensors of the default file :func:`save_lora` writes for ``unet`` (kohya-ss layout, fp32), detached."""
-    return to_kohya(lora_state_dict(unet), _rank_alpha_targets(unet)[1])
+    return to_kohya(lora_state_dict(unet), _rank_alpha_targets(unet)[1], _unwrap(unet).config)
 
 
-def _kohya_key(peft_key: str) -> str:
-    """``[unet.]<a.b.c>.lora_A.weight`` -> ``lora_unet_<a_b_c>.lora_down.weight`` (``lora_B`` -> ``lora_up``)."""
+def _kohya_key(peft_key: str, unet_config: Mapping[str, Any] | None = None) -> str:
+    """``[unet.]<a.b.c>.lora_A.weight`` -> ``lora_unet_<a_b_c>.lora_down.weight`` (``lora_B`` -> ``lora_up``); for an
+    SDXL ``unet_config`` the module path is its SGM path (:mod:`lcm_kit.lora.sgm`)."""
     if peft_key.startswith(_KOHYA_PREFIX):
         raise ValueError(f"{peft_key!r} is already in the kohya layout")
     module, sep, kind = _strip_prefix(peft_key).rpartition(".lora_")
@@ -102,38 +106,44 @@ def _kohya_key(peft_key: str) -> str:
         raise ValueError(f"not a peft LoRA key (…lora_A.weight / …lora_B.weight): {peft_key!r}")
     if module.startswith(("text_encoder", "lora_te")):
         raise ValueError(f"only UNet LoRA keys in peft format can be converted, got {peft_key!r}")
+    if unet_config is not None and is_sdxl_unet(unet_config):
+        module = sgm_module(module, unet_config)
     return f"{_KOHYA_PREFIX}{module.replace('.', '_')}.{_KOHYA_KIND[kind]}"
 
 
-def to_kohya(state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+def to_kohya(state_dict: dict[str, torch.Tensor], alpha: float,
+             unet_config: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
     """Converts peft / diffusers-layout LoRA keys to the kohya-ss layout (ComfyUI, A1111, sd-scripts, diffusers).
 
     ``[unet.]<a.b.c>.lora_A.weight`` -> ``lora_unet_<a_b_c>.lora_down.weight``, ``lora_B`` -> ``lora_up``, plus a
     0-d fp32 ``lora_unet_<a_b_c>.alpha`` per module. Kohya applies ``(alpha / rank) up @ down``, the same scale as
-    peft, so the conversion is exact: the tensors are the same objects under new names.
+    peft, so the conversion is exact: the tensors are the same objects under new names. With the config of an SDXL
+    UNet, ``a.b.c`` is the module's SGM path (``input_blocks_4_1_...``, :mod:`lcm_kit.lora.sgm`), as kohya names SDXL.
 
     Raises:
         ValueError: On a key that is not a UNet ``lora_A`` / ``lora_B`` weight (or is already in the kohya layout).
     """
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
-        name = _kohya_key(key)
+        name = _kohya_key(key, unet_config)
         out[name] = value
         out[f"{name.partition('.')[0]}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
     return out
 
 
-def to_peft(state_dict: dict[str, torch.Tensor], peft_keys: Iterable[str]) -> dict[str, torch.Tensor]:
+def to_peft(state_dict: dict[str, torch.Tensor], peft_keys: Iterable[str],
+            unet_config: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
     """A LoRA file's tensors under the model's peft keys (``<a.b.c>.lora_{A,B}.weight``, no prefix): the inverse of
-    :func:`to_kohya`. Kohya names lose which ``_`` was a ``.``, so the model's own keys (those of
-    :func:`~lcm_kit.lora.adapters.adapter_state_dict`) say what each name stands for; the ``.alpha`` entries are
-    dropped (the model's config holds alpha). A file in the PEFT layout (``unet.`` keys, older files) is read too.
+    :func:`to_kohya` (``unet_config``: the model's, for SDXL's SGM names). Kohya names lose which ``_`` was a ``.``,
+    so the model's own keys (those of :func:`~lcm_kit.lora.adapters.adapter_state_dict`) say what each name stands
+    for; the ``.alpha`` entries are dropped (the model's config holds alpha). A file in the PEFT layout (``unet.``
+    keys, older files) is read too.
 
     Raises:
         ValueError: On a file key that names no key of ``peft_keys``, or a key of ``peft_keys`` the file lacks.
     """
     kohya = any(k.startswith(_KOHYA_PREFIX) for k in state_dict)
-    names = {(_kohya_key(k) if kohya else f"unet.{k}"): k for k in peft_keys}
+    names = {(_kohya_key(k, unet_config) if kohya else f"unet.{k}"): k for k in peft_keys}
     unknown = [k for k in state_dict if k not in names and not (kohya and k.endswith(".alpha"))]
     if unknown:
         raise ValueError(f"LoRA keys that name no LoRA module of the model: {unknown[:5]}")
