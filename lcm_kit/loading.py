@@ -17,9 +17,8 @@ from typing import Any
 from .pipeline_utils import HUB_KWARGS
 
 SUPPORTED = (
-    "LCMPipeline and the distiller take SD 1.x/2.x-style folders with one CLIP text encoder (model_index.json with "
-    "vae, text_encoder, tokenizer, unet, scheduler); sample SDXL folders with lcm_kit.LCMXLPipeline (SDXL "
-    "distillation is not supported yet)"
+    "LCMPipeline takes SD 1.x/2.x-style folders with one CLIP text encoder (model_index.json with vae, text_encoder, "
+    "tokenizer, unet, scheduler), LCMXLPipeline SDXL folders; the distiller takes either"
 )
 # model_index.json components an SD 1.x/2.x folder (or one LCMPipeline saved) may list.
 SD_COMPONENTS = frozenset(

@@ -245,7 +245,7 @@ def run(config: RunConfig) -> int:
         contract = state.objective.sampling()
         outputs.save_final(state.nets, student, state.teacher, contract, config.output.output_dir,
                            config.output.save_peft_layout)  # fmt: skip
-        outputs.write_model_card(state.config, contract, step, accelerator.num_processes)
+        outputs.write_model_card(state.config, contract, step, accelerator.num_processes, state.teacher.xl)
     if config.output.debug_param_digest:
         outputs.write_debug_digest(student, config, accelerator.process_index)
     accelerator.end_training()

@@ -103,6 +103,10 @@ def load_teacher(path: str, device: torch.device, weight_dtype: torch.dtype) -> 
 
     xl = is_sdxl_folder(path)
     index = check_sdxl(path, {}) if xl else check_supported(path, role="--pretrained_teacher_model")
+    if xl and (missing := [c for c in ("text_encoder_2", "tokenizer_2") if not any(index.get(c) or ())]):
+        raise ValueError(f"--pretrained_teacher_model {path!r} has an SDXL UNet (addition_embed_type='text_time') but "
+                         f"its model_index.json lists no {' / '.join(missing)}: an SDXL teacher needs both text "
+                         "encoders (a StableDiffusionXLPipeline folder)")  # fmt: skip
     scheduler = LCMKitScheduler.from_config(LCMKitScheduler.load_config(path, subfolder="scheduler"))
     unet = load_checked(UNet2DConditionModel, path, "unet")
     if unet.config.time_cond_proj_dim is not None:

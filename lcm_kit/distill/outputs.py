@@ -102,28 +102,28 @@ stored): put it into ComfyUI's `models/loras`, A1111's / Forge's `models/Lora` o
 
 lcm_kit applies the sampling contract stored in the file when the LoRA is loaded:
 ```python
-from lcm_kit import LCMPipeline
-pipe = LCMPipeline.from_pretrained("{teacher}")
+from lcm_kit import {pipeline}
+pipe = {pipeline}.from_pretrained("{teacher}")
 pipe.load_lora_weights("{out}")
 image = pipe("a photo of a cat").images[0]  # {steps}, {cfg_note}
 ```
 Stock diffusers (an LCM-LoRA has no guidance embedding: guidance_scale 1-2):
 ```python
-from diffusers import {stock_scheduler}, StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained("{teacher}")
+from diffusers import {stock_scheduler}, {stock_pipeline}
+pipe = {stock_pipeline}.from_pretrained("{teacher}")
 pipe.scheduler = {stock_scheduler}.from_config(pipe.scheduler.config, {stock_kwargs})
 pipe.load_lora_weights("{out}")
 image = pipe("a photo of a cat", {steps}, guidance_scale=1.0{stock_eta}).images[0]
 ```"""
 
 FULL_USAGE = """A full pipeline folder (the UNet is the EMA target network; `unet_online/` is the online student);
-its `scheduler/` holds the sampling contract, which `LCMPipeline` applies:
+its `scheduler/` holds the sampling contract, which `{pipeline}` applies:
 ```python
-from lcm_kit import LCMPipeline
-pipe = LCMPipeline.from_pretrained("{out}")
+from lcm_kit import {pipeline}
+pipe = {pipeline}.from_pretrained("{out}")
 image = pipe("a photo of a cat", guidance_scale={guidance}).images[0]  # {steps}
 ```
-Stock diffusers loads it as `LatentConsistencyModelPipeline.from_pretrained("{out}")`; give it `{steps}` and, for a
+Stock diffusers loads it as `{stock_full}.from_pretrained("{out}")`; give it `{steps}` and, for a
 student with a gamma, `TCDScheduler.from_config(pipe.scheduler.config)` with `eta` = gamma (our sampler equals it)."""
 
 
@@ -138,8 +138,9 @@ def _recipe(config: RunConfig) -> str:
             f"caption dropout {o.caption_dropout_p}; the teacher gave the VAE, text encoder, noise schedule{init})")
 
 
-def write_model_card(config: RunConfig, sampling: SamplingContract, steps: int, procs: int) -> Path:
-    """A short ``README.md``: teacher, settings, the sampling contract, how to load the result."""
+def write_model_card(config: RunConfig, sampling: SamplingContract, steps: int, procs: int, xl: bool = False) -> Path:
+    """A short ``README.md``: teacher, settings, the sampling contract, how to load the result (``xl``: an SDXL
+    teacher, loaded with ``LCMXLPipeline`` / ``StableDiffusionXLPipeline``)."""
     m, o, opt = config.model, config.objective, config.optim
     lora = m.mode == "lora"
     ema = f", EMA target adapter (decay {m.ema_decay})" if m.lora_ema else ", target = the student (no EMA)"
@@ -155,6 +156,9 @@ def write_model_card(config: RunConfig, sampling: SamplingContract, steps: int, 
     stock = {"stock_scheduler": "LCMScheduler" if gamma is None else "TCDScheduler",
              "stock_eta": "" if gamma is None else f", eta={gamma}",
              "guidance": f"{guidance_scale_from_w(w_mid):g}" if guided else "1.0",
+             "pipeline": "LCMXLPipeline" if xl else "LCMPipeline",
+             "stock_pipeline": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
+             "stock_full": "StableDiffusionXLPipeline" if xl else "LatentConsistencyModelPipeline",
              "cfg_note": "no CFG (the guidance is distilled in)" if guided else
              "guidance_scale > 1 adds CFG (trained with caption dropout)"}  # fmt: skip
     call = (f"timesteps={list(sampling.timesteps)}" if sampling.timesteps is not None
