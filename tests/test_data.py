@@ -145,6 +145,28 @@ def test_crop_and_flip():
     assert transform_image(Image.fromarray(x[:8, :12]), 16, True, False).shape == (3, 16, 16)
 
 
+def test_sdxl_size_ids_say_where_the_crop_came_from():
+    # A 48x32 image resized to 24x16, cropped to 16 at a random left: the ids (original h, w, top, left, 16, 16) name
+    # the crop's corner in the resized image, and for a flipped sample its corner in the flipped resized image.
+    from lcm_kit.data import crop_box, crop_image, size_ids
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8))
+    lefts = set()
+    for seed in range(8):
+        box = crop_box(img.size, 16, center_crop=False, generator=torch.Generator().manual_seed(seed))
+        resized = img.resize((box.width, box.height), Image.BILINEAR)
+        for flip in (False, True):
+            ids = size_ids(img.size, box, 16, flip).int().tolist()
+            assert ids[:3] == [32, 48, box.top] and ids[4:] == [16, 16]
+            src = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else resized
+            seen = src.crop((ids[3], ids[2], ids[3] + 16, ids[2] + 16))
+            expected = torch.from_numpy(np.asarray(seen, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
+            assert torch.equal(crop_image(img, box, 16, flip), expected)
+        lefts.add(box.left)
+    assert len(lefts) > 2  # the random crops did move
+
+
 def test_random_transforms_repeat_per_epoch_and_index(tmp_path):
     folder = make_image_folder(tmp_path / "imgs")
     ds, _ = build_dataset(DataConfig(train_data_dir=str(folder), resolution=16, random_flip=True), seed=3)

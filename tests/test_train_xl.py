@@ -26,6 +26,9 @@ def test_text_conditioning_equals_the_sdxl_pipeline(tiny_sdxl_dir):
 
     from lcm_kit.distill.networks import load_teacher
 
+    half = load_teacher(str(tiny_sdxl_dir), torch.device("cpu"), torch.float16)  # mixed precision fp16
+    assert half.vae.dtype == torch.float32  # SDXL's VAE asks for fp32 (force_upcast): it always encodes in fp32
+    assert {e.dtype for e in half.text.text_encoders} == {torch.float16}
     teacher = load_teacher(str(tiny_sdxl_dir), torch.device("cpu"), torch.float32)
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
     cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=True)
@@ -125,6 +128,8 @@ def test_sdxl_lora_distillation_resumes_exactly_and_loads_in_lcmxl(tmp_path, tin
     config = json.loads((tmp_path / "a" / "training_config.json").read_text())
     assert config["w_min"] == 3.0 and config["resolution"] == 16
     assert (tmp_path / "a" / "validation" / "step-4.png").is_file()  # validation ran through LCMXLPipeline
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "LCMXLPipeline.from_pretrained" in card and "StableDiffusionXLPipeline.from_pretrained" in card
     pipe = LCMXLPipeline.from_pretrained(tiny_sdxl_dir)
     pipe.load_lora_weights(tmp_path / "a")
     assert pipe.scheduler.config.sampling_contract["objective"] == "lcm"
