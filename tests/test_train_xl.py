@@ -58,6 +58,12 @@ def test_per_teacher_defaults(tiny_sd_dir, tiny_sdxl_dir, images, tmp_path):
     assert parsed(tiny_sdxl_dir, "--resolution", "16", "--w_min", "4") == (16, 4.0)
 
 
+def test_sdxl_dry_run_says_what_it_found(tmp_path, tiny_sdxl_dir, images, capsys):
+    assert load_script().main(base_args(tiny_sdxl_dir, images, tmp_path / "out", 2, "--dry_run")) == 0
+    plan = capsys.readouterr().out
+    assert "(SDXL, 16 px, w_min 3.0)" in plan and "nothing trained" in plan
+
+
 def _lora_unet(path, rank=4, seed=0):
     """The teacher UNet of ``path`` with an LCM-LoRA whose B matrices are random (an adapter that does something)."""
     from diffusers import UNet2DConditionModel

@@ -203,6 +203,7 @@ def dry_run(accelerator, state: TrainState) -> None:
     procs = {type(p).__name__ for p in base.attn_processors.values()}
     lines = [
         f"mode={m.mode} objective={o.objective} teacher={m.pretrained_teacher_model} "
+        f"({'SDXL' if state.teacher.xl else 'SD 1.x/2.x'}, {cfg.data.resolution} px, w_min {o.w_min}) "
         f"prediction_type={o.prediction_type}",
         f"data: {state.n_data} samples ({state.skipped} skipped), {len(loader)} batches/epoch/process, "
         f"batch {opt.train_batch_size} x accum {opt.gradient_accumulation_steps} x {accelerator.num_processes} proc",
