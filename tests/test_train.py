@@ -177,12 +177,14 @@ def test_gradient_checkpointing_gives_the_same_weights(tmp_path, tiny_sd_dir, im
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
-@pytest.mark.parametrize("mode", ["lora", "full"])
-def test_bf16_mixed_precision_runs(tmp_path, tiny_sd_dir, images, mode):
-    # Frozen weights in bf16, trainable ones fp32; validation runs with mixed-dtype components under autocast.
+@pytest.mark.parametrize("mode, teacher",
+                         [("lora", "tiny_sd_dir"), ("full", "tiny_sd_dir"), ("lora", "tiny_sdxl_dir")])
+def test_bf16_mixed_precision_runs(tmp_path, request, images, mode, teacher):
+    # Frozen weights in bf16, trainable ones fp32; validation runs with mixed-dtype components under autocast (SDXL:
+    # the pooled embeddings and size ids go into the bf16 UNet as well, the VAE stays fp32).
     out = tmp_path / "out"
     extra = ("--mode", mode, "--mixed_precision", "bf16", "--validation_steps", "2")
-    argv = base_args(tiny_sd_dir, images, out, 2, *extra)
+    argv = base_args(request.getfixturevalue(teacher), images, out, 2, *extra)
     assert load_script().main(argv) == 0
     assert (out / "validation" / "step-2.png").is_file()
     name = "pytorch_lora_weights.safetensors" if mode == "lora" else "unet/diffusion_pytorch_model.safetensors"
