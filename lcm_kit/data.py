@@ -9,12 +9,15 @@ Three sources, one per option of :class:`DataConfig`, all read as a random-acces
   key (the name up to the first dot); the image is its ``.jpg/.jpeg/.png/.webp`` member, the caption its ``.txt``
   member, else ``json[caption_column]``. Tar headers are indexed once at start (nothing decoded), so shards are
   read by offset in any order: shuffling is the sampler's and resume is exact, unlike streaming shard resampling.
+  Training without ``cache_dir`` streams them instead (:mod:`lcm_kit.streaming`): each process indexes and reads
+  only its own shards, with no start-up scan; bad samples are then replaced as they are found.
 
-Every image is decoded once before training (:func:`build_dataset` / :func:`scan_valid`): unreadable or corrupt
-ones are skipped, counted and reported, never crash a run, and so are rows without a caption (null, no caption key,
-an empty CSV field: never the literal caption ``"None"``); no valid sample at all raises ``ValueError``. A file that
-cannot be read as data at all (a malformed ``metadata.csv`` / ``metadata.jsonl``, a shard that is not a whole tar)
-raises a ``ValueError`` naming it (and the line) before any image is decoded.
+Otherwise every image is decoded once before training (:func:`build_dataset` / :func:`scan_valid`, or the cache
+build): unreadable or corrupt ones are skipped, counted and reported, never crash a run, and so are rows without a
+caption (null, no caption key, an empty CSV field: never the literal caption ``"None"``); no valid sample at all
+raises ``ValueError``. A file that cannot be read as data at all (a malformed ``metadata.csv`` /
+``metadata.jsonl``, a shard that is not a whole tar) raises a ``ValueError`` naming it (and the line) before any
+image is decoded.
 
 Transforms (no torchvision): resize the short side to ``resolution`` (bilinear, as diffusers' scripts), center or
 random crop to a square, optional horizontal flip (p = 0.5), scale to ``[-1, 1]``. Random choices come from a
@@ -98,6 +101,9 @@ class DataConfig:
             raise ValueError(f"cache_dtype must be fp32, fp16 or bf16, got {self.cache_dtype!r}")
         if self.cache_shard_size <= 0:
             raise ValueError(f"cache_shard_size must be > 0, got {self.cache_shard_size}")
+        if self.train_shards and not self.cache_dir and self.max_train_samples is not None:
+            raise ValueError("max_train_samples needs --cache_dir with --train_shards (without a cache the shards "
+                             "are streamed whole, one share per process): pass fewer shards instead")  # fmt: skip
         if self.cache_dir and not self.center_crop:
             raise ValueError("a latent cache needs a fixed crop: pass --center_crop with --cache_dir")
 
@@ -182,10 +188,15 @@ def scan_valid(source: HFSource | ShardSource, limit: int | None = None) -> tupl
 
 
 # ----------------------------------------------------------------------------------------------- transforms
+def keyed_generator(*key: object) -> torch.Generator:
+    """A CPU generator seeded by the sha256 of ``key`` (its parts joined by ``/``): a pure function of the key."""
+    digest = hashlib.sha256("/".join(map(str, key)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """A generator seeded by ``(seed, epoch, index)``: per-sample randomness independent of workers and resume."""
-    digest = hashlib.sha256(f"{seed}/{epoch}/{index}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return keyed_generator(seed, epoch, index)
 
 
 def transform_image(
@@ -228,10 +239,14 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         img = decode_image(raw)
         if img is None:  # was valid at scan time: the file changed under us
             raise RuntimeError(f"image {self.indices[i]} became unreadable after the start-up scan")
-        gen = sample_generator(self.seed, self.epoch, i)
-        flip = draw_flip(self.config.random_flip, gen)
-        x = transform_image(img, self.config.resolution, self.config.center_crop, flip, gen)
-        return {"pixel_values": x, "caption": caption}
+        return training_item(img, caption, self.config, sample_generator(self.seed, self.epoch, i))
+
+
+def training_item(img: Image.Image, caption: str, config: DataConfig, generator: torch.Generator) -> dict[str, Any]:
+    """One training sample: the flip (drawn first), then the crop from ``generator``, and the caption."""
+    flip = draw_flip(config.random_flip, generator)
+    x = transform_image(img, config.resolution, config.center_crop, flip, generator)
+    return {"pixel_values": x, "caption": caption}
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):

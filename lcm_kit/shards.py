@@ -4,6 +4,9 @@ A sample is the members that share a key (webdataset convention: ``dir/abc.seg.j
 ``seg.jpg``); the image is its ``.jpg/.jpeg/.png/.webp`` member, the caption its ``.txt`` member, else
 ``json[caption_column]``. Nothing is decoded while indexing, and any order of access is cheap, so the sampler
 shuffles and resume is exact (no shard resampling as in streaming webdataset pipelines).
+
+A :class:`ShardSource` indexes the shards it is given: all of them for the latent cache (which needs every sample),
+only the process's own share when training streams the shards without a cache (:mod:`lcm_kit.streaming`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class ShardSource:
     def __init__(self, shards: Sequence[str], caption_column: str):
         self.shards, self.caption_column = list(shards), caption_column
         self.samples: list[dict[str, tuple[int, int, int]]] = []  # ext -> (shard index, offset, size)
+        self.sizes: list[int] = []  # samples per shard, in shard order
         for si, path in enumerate(self.shards):
             groups: dict[str, dict[str, tuple[int, int, int]]] = {}
             for m in _members(path):
@@ -35,6 +39,7 @@ class ShardSource:
                     key, ext = _split_key(m.name)
                     groups.setdefault(key, {})[ext.lower()] = (si, m.offset_data, m.size)
             self.samples.extend(groups.values())
+            self.sizes.append(len(groups))
 
     def __len__(self) -> int:
         return len(self.samples)
