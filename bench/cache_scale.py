@@ -82,12 +82,13 @@ def child_build(teacher: str, images: Path, cache_dir: Path, dtype: str) -> dict
     from accelerate import PartialState
 
     from lcm_kit.data import open_source
+    from lcm_kit.distill.setup import from_main_process
     from lcm_kit.latent_cache import BuildContext, cached_latents
 
     state = PartialState()
     cfg, encoders = data_config(images, cache_dir, dtype), load_encoders(teacher)
     source = open_source(cfg)
-    ctx = BuildContext(state.process_index, state.num_processes, state.wait_for_everyone)
+    ctx = BuildContext(state.process_index, state.num_processes, state.wait_for_everyone, from_main_process(state))
     state.wait_for_everyone()
     t0 = time.perf_counter()
     cache, _, _ = cached_latents(cfg, teacher, source, *encoders, ctx)

@@ -19,12 +19,12 @@ tokenizer files, the source's content digest (``fingerprint()``: every image's b
 shards' bytes), the data flags and the transform, the shard size and the dtype. Version 3 (sharded) replaced
 version 2 (one file) and 1 (sizes and mtimes): caches written before are rebuilt once.
 
-Build: shard ``k`` goes to process ``k mod world`` (every process of an ``accelerate launch`` that sees the same
-``cache_dir`` encodes its share; without a shared filesystem each machine builds the whole cache with its own
-processes), each shard is written as soon as it is encoded, a barrier waits for all, then the main process writes
-the index. A restart after a crash or ``kill -9`` encodes only the shards that are not on disk. The cache folder is
-checked to be writable before anything is encoded, and only when something has to be written (a read-only folder
-holding a complete cache works).
+Build: the main process computes the key (hashing the data set once) and broadcasts it; shard ``k`` goes to process
+``k mod world`` (every process of an ``accelerate launch`` that sees the same ``cache_dir`` encodes its share;
+without a shared filesystem each machine builds the whole cache with its own processes), each shard is written as
+soon as it is encoded, a barrier waits for all, then the main process writes the index. A restart after a crash or
+``kill -9`` encodes only the shards that are not on disk. The cache folder is checked to be writable before anything
+is encoded, and only when something has to be written (a read-only folder holding a complete cache works).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -115,11 +116,13 @@ def encode_shard(config: DataConfig, source, rows: range, encoders: tuple, batch
 @dataclass(frozen=True)
 class BuildContext:
     """How the processes that see one ``cache_dir`` share the build: this process encodes shards ``k`` with
-    ``k % world == rank``; ``barrier`` waits for every process of the run; ``rank == 0`` writes the index."""
+    ``k % world == rank``; ``barrier`` waits for every process of the run; ``rank == 0`` writes the index;
+    ``from_main(compute)`` is the main process's ``compute()`` on every process (only the main process runs it)."""
 
     rank: int = 0
     world: int = 1
     barrier: Callable[[], None] = lambda: None
+    from_main: Callable[[Callable[[], Any]], Any] = lambda compute: compute()
 
 
 def build_share(config: DataConfig, source, folder: Path, key: str, encoders: tuple, ctx: BuildContext) -> None:
@@ -179,7 +182,7 @@ def cached_latents(
     Raises:
         ValueError: the data set has no valid sample, or the cache has to be written and ``cache_dir`` cannot be.
     """
-    folder = cache_path(config, teacher_dir, source)
+    folder = ctx.from_main(lambda: cache_path(config, teacher_dir, source))  # hashes the whole data set: once
     key = folder.name
     if ctx.rank == 0:
         _drop_damaged(folder, key, config.cache_dir)

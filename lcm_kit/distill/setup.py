@@ -87,8 +87,18 @@ def build_context(accelerator, cache_dir: str):
     state, barrier = accelerator.state, accelerator.wait_for_everyone
     local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
     if local == state.num_processes or _shared_folder(Path(cache_dir), accelerator):
-        return BuildContext(state.process_index, state.num_processes, barrier)
-    return BuildContext(state.local_process_index, local, barrier)
+        return BuildContext(state.process_index, state.num_processes, barrier, from_main_process(accelerator))
+    return BuildContext(state.local_process_index, local, barrier, from_main_process(accelerator))
+
+
+def from_main_process(accelerator):
+    """``compute()`` run by the main process only, its result broadcast to all (the cache key: one data hash)."""
+    from accelerate.utils import broadcast_object_list
+
+    def share(compute):
+        return broadcast_object_list([compute() if accelerator.is_main_process else None])[0]
+
+    return share
 
 
 def _shared_folder(folder: Path, accelerator) -> bool:
