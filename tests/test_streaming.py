@@ -122,9 +122,11 @@ def test_two_process_streamed_run_resumes_exactly(tmp_path, tiny_sd_dir):
     def args(out, steps, *more):
         return shard_args(tiny_sd_dir, pattern, out, steps, "--random_flip", *more)
 
-    a = two_process_digests(tmp_path / "a", args(tmp_path / "a", 4))
-    two_process_digests(tmp_path / "b", args(tmp_path / "b", 3))
-    b = two_process_digests(tmp_path / "b", args(tmp_path / "b", 4, "--resume_from_checkpoint", "latest"))
+    # 13 samples, 4 shards: 6 and 7 per rank, batch 2 -> 3 batches per rank and epoch. Checkpoints every 2 steps:
+    # the resume from step 4 starts mid-epoch 1, so the skipping loader must be at epoch 1 too
+    a = two_process_digests(tmp_path / "a", args(tmp_path / "a", 6))
+    two_process_digests(tmp_path / "b", args(tmp_path / "b", 5))
+    b = two_process_digests(tmp_path / "b", args(tmp_path / "b", 6, "--resume_from_checkpoint", "latest"))
     assert a[0] == a[1] == b[0] == b[1]
     assert "streaming 13 samples from 4 shard(s)" in (tmp_path / "a" / "launch.log").read_text()
     # one shard for two processes: refused, naming the flag and the counts
