@@ -89,28 +89,40 @@ def encode_posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 def encode_shard(config: DataConfig, source, rows: range, encoders: tuple, batch_size: int = 16) -> dict:
     """Cache tensors of the valid samples among source ``rows`` (center crop; flipped copies with ``random_flip``),
-    encoded ``batch_size`` at a time, in ``cache_dtype``; ``source_index`` says which rows they are."""
+    encoded ``batch_size`` at a time, in ``cache_dtype``; ``source_index`` says which rows they are. Images are
+    decoded a batch at a time and each batch's outputs are written into tensors allocated once per shard, so memory
+    holds one shard's outputs and one batch of pixels (no per-batch lists to concatenate)."""
     vae, text_encoder, tokenizer = encoders
-    items = []
+    dtype, out, index = CS.CACHE_DTYPES[config.cache_dtype], {}, []
+    for chunk in _valid_batches(config, source, rows, batch_size):
+        pixels, values = torch.stack([x for _, x, _ in chunk]), {}
+        for flip in (False, True) if config.random_flip else (False,):
+            sfx = "_flip" if flip else ""
+            mean, std = encode_posterior(vae, pixels.flip(-1) if flip else pixels)
+            values["latent_mean" + sfx], values["latent_std" + sfx] = mean, std
+        values["prompt_embeds"] = encode_prompts(tokenizer, text_encoder, [c for _, _, c in chunk])
+        for name, value in values.items():
+            if name not in out:
+                out[name] = torch.empty((len(rows), *value.shape[1:]), dtype=dtype)
+            out[name][len(index) : len(index) + len(chunk)].copy_(value.float().cpu())  # rounded as .to(dtype)
+        index += [i for i, _, _ in chunk]
+    tensors = {k: v[: len(index)].clone() if len(index) < len(rows) else v for k, v in out.items()}
+    return {"source_index": torch.tensor(index, dtype=torch.int64), **tensors}
+
+
+def _valid_batches(config: DataConfig, source, rows: range, batch_size: int):
+    """``(row, pixels, caption)`` of the valid samples among ``rows``, ``batch_size`` at a time."""
+    chunk = []
     for i in rows:
         raw, caption = source.raw(i)
         img = decode_image(raw) if caption is not None else None
         if img is not None:
-            items.append((i, transform_image(img, config.resolution, config.center_crop, False), caption))
-    dtype = CS.CACHE_DTYPES[config.cache_dtype]
-    out: dict[str, list[torch.Tensor]] = {n: [] for n in CS.tensor_names(config.random_flip)}
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        pixels = torch.stack([x for _, x, _ in chunk])
-        for flip in (False, True) if config.random_flip else (False,):
-            mean, std = encode_posterior(vae, pixels.flip(-1) if flip else pixels)
-            sfx = "_flip" if flip else ""
-            out["latent_mean" + sfx].append(mean.float().cpu().to(dtype))
-            out["latent_std" + sfx].append(std.float().cpu().to(dtype))
-        embeds = encode_prompts(tokenizer, text_encoder, [c for _, _, c in chunk])
-        out["prompt_embeds"].append(embeds.float().cpu().to(dtype))
-    tensors = {k: torch.cat(v) for k, v in out.items() if v}
-    return {"source_index": torch.tensor([i for i, _, _ in items], dtype=torch.int64), **tensors}
+            chunk.append((i, transform_image(img, config.resolution, config.center_crop, False), caption))
+        if len(chunk) == batch_size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 @dataclass(frozen=True)
