@@ -6,7 +6,8 @@ A sample is the members that share a key (webdataset convention: ``dir/abc.seg.j
 shuffles and resume is exact (no shard resampling as in streaming webdataset pipelines).
 
 A :class:`ShardSource` indexes the shards it is given: all of them for the latent cache (which needs every sample),
-only the process's own share when training streams the shards without a cache (:mod:`lcm_kit.streaming`).
+one shard at a time of the process's own share when training streams the shards without a cache
+(:mod:`lcm_kit.streaming`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ class ShardSource:
     def __init__(self, shards: Sequence[str], caption_column: str):
         self.shards, self.caption_column = list(shards), caption_column
         self.samples: list[dict[str, tuple[int, int, int]]] = []  # ext -> (shard index, offset, size)
-        self.sizes: list[int] = []  # samples per shard, in shard order
         for si, path in enumerate(self.shards):
             groups: dict[str, dict[str, tuple[int, int, int]]] = {}
             for m in _members(path):
@@ -39,7 +39,6 @@ class ShardSource:
                     key, ext = _split_key(m.name)
                     groups.setdefault(key, {})[ext.lower()] = (si, m.offset_data, m.size)
             self.samples.extend(groups.values())
-            self.sizes.append(len(groups))
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -19,7 +19,9 @@ For data sets bigger than the disk (shards on a network mount), ``--train_shards
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -47,7 +49,7 @@ def all_shards(config: DataConfig, world: int) -> list[str]:
 def epoch_stream(sizes: Sequence[int], rank: int, world: int, seed: int, epoch: int) -> list[int]:
     """Local sample indices of ``rank`` in the order of ``epoch``: shards shuffled by (seed, epoch, rank), each
     shard's samples by (seed, epoch, shard) with ``shard`` the global shard index ``rank + world * s``."""
-    starts = [sum(sizes[:s]) for s in range(len(sizes))]
+    starts = [0, *itertools.accumulate(sizes)]
     order: list[int] = []
     for s in torch.randperm(len(sizes), generator=keyed_generator("shards", seed, epoch, rank)).tolist():
         gen = keyed_generator("samples", seed, epoch, rank + world * s)
@@ -88,42 +90,45 @@ class StreamSampler(torch.utils.data.Sampler[int]):
 
 class ShardStream(torch.utils.data.Dataset):
     """This rank's samples by global position (``local index * world + rank``), as
-    ``{"pixel_values": (3, R, R) in [-1, 1], "caption": str}``; bad samples replaced (module docstring)."""
+    ``{"pixel_values": (3, R, R) in [-1, 1], "caption": str}``; bad samples replaced (module docstring). Only the
+    shard being read is indexed (its tar headers, again when it comes round next epoch): memory holds per-shard
+    counts, not per-sample entries, however big the data set."""
 
-    def __init__(self, source: ShardSource, rank: int, world: int, config: DataConfig, seed: int = 0):
-        self.source, self.rank, self.world, self.config, self.seed, self.epoch = source, rank, world, config, seed, 0
+    def __init__(self, shards: Sequence[str], sizes: Sequence[int], rank: int, world: int, config: DataConfig,
+                 seed: int = 0):  # fmt: skip
+        self.shards, self.starts = list(shards), [0, *itertools.accumulate(sizes)]
+        self.rank, self.world, self.config, self.seed, self.epoch = rank, world, config, seed, 0
         self.bad: set[int] = set()  # local indices found unreadable (in this process)
+        self._current: tuple[int, ShardSource] | None = None  # the shard being read
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.source) * self.world
+        return self.starts[-1] * self.world
 
     def __getitem__(self, position: int) -> dict[str, Any]:
         rank, i = position % self.world, position // self.world
         assert rank == self.rank, f"rank {self.rank} was handed position {position} of rank {rank}"
-        n = len(self.source)
+        n = self.starts[-1]
         for j in ((i + k) % n for k in range(n)):
             if j in self.bad:
                 continue
-            raw, caption = self.source.raw(j)
+            s = bisect.bisect_right(self.starts, j) - 1
+            raw, caption = self._shard(s).raw(j - self.starts[s])
             img = decode_image(raw) if caption is not None else None
             if img is not None:
                 return training_item(img, caption, self.config, sample_generator(self.seed, self.epoch, position))
             self.bad.add(j)
             logger.warning("train_shards: sample %d of %s has an unreadable image or no caption; replaced by the "
-                           "next valid sample (%d bad sample(s) so far in this process)", *self._locate(j),
-                           len(self.bad))  # fmt: skip
-        raise ValueError(f"train_shards: no readable sample with a caption in {self.source.shards}")
+                           "next valid sample (%d bad sample(s) so far in this process)", j - self.starts[s],
+                           self.shards[s], len(self.bad))  # fmt: skip
+        raise ValueError(f"train_shards: no readable sample with a caption in {self.shards}")
 
-    def _locate(self, j: int) -> tuple[int, str]:
-        """Local sample ``j`` as (position within its shard, shard path)."""
-        for path, size in zip(self.source.shards, self.source.sizes, strict=True):
-            if j < size:
-                return j, path
-            j -= size
-        raise IndexError(j)
+    def _shard(self, s: int) -> ShardSource:
+        if self._current is None or self._current[0] != s:
+            self._current = (s, ShardSource([self.shards[s]], self.config.caption_column))
+        return self._current[1]
 
 
 def stream_data(config: DataConfig, batch_size: int, seed: int, rank: int, world: int,
@@ -137,11 +142,15 @@ def stream_data(config: DataConfig, batch_size: int, seed: int, rank: int, world
     """
     shards = all_shards(config, world)
     listing = hashlib.sha256("\n".join(shards).encode()).hexdigest()
-    source = ShardSource(shards[rank::world], config.caption_column)
-    source.check_columns()
-    gathered = gather([(listing, source.sizes)])
+    mine, sizes = shards[rank::world], []
+    for path in mine:  # each shard indexed in turn for its sample count, the first one's columns checked
+        source = ShardSource([path], config.caption_column)
+        sizes.append(len(source))
+        if len(sizes) == 1:
+            source.check_columns()
+    gathered = gather([(listing, sizes)])
     if len({g[0] for g in gathered}) > 1:
         raise ValueError(f"--train_shards {config.train_shards!r} expands to different shard lists on different "
                          "processes: every process must see the same shards (the same paths)")  # fmt: skip
     sampler = StreamSampler([g[1] for g in gathered], batch_size, seed)
-    return ShardStream(source, rank, world, config, seed), sampler
+    return ShardStream(mine, sizes, rank, world, config, seed), sampler
