@@ -3,7 +3,8 @@
 For data sets bigger than the disk (shards on a network mount), ``--train_shards`` without ``--cache_dir``:
 
 * **Ownership.** Shard ``k`` (of the sorted, expanded ``--train_shards`` list) belongs to rank ``k % world``. A
-  process indexes only its own shards' tar headers (nothing decoded, no start-up scan) and never opens another's.
+  process indexes only its own shards' tar headers (nothing decoded, no start-up scan: once at start for the sample
+  counts, then each shard again when it is read, keeping one shard's index) and never opens another's.
 * **Order.** Every epoch, a rank reads its shards in an order shuffled by ``(seed, epoch, rank)`` and the samples of
   each shard in an order shuffled by ``(seed, epoch, shard)``, one shard after the other (reads stay local).
 * **Batches.** :class:`StreamSampler` is built identically on every rank from all ranks' per-shard sample counts
