@@ -85,7 +85,7 @@ def child_build(teacher: str, images: Path, cache_dir: Path, dtype: str) -> dict
     from lcm_kit.distill.setup import from_main_process
     from lcm_kit.latent_cache import BuildContext, cached_latents
 
-    state = PartialState()
+    state = PartialState(cpu=True)  # without cpu=True, each process of `launch --multi_gpu` on CPU runs alone
     cfg, encoders = data_config(images, cache_dir, dtype), load_encoders(teacher)
     source = open_source(cfg)
     ctx = BuildContext(state.process_index, state.num_processes, state.wait_for_everyone, from_main_process(state))
