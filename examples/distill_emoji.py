@@ -67,6 +67,7 @@ def distill(args: argparse.Namespace, resolution: int, teacher_guidance: Guidanc
         "--cache_dir", str(Path(args.data_dir) / "cache"), "--max_train_steps", str(args.max_train_steps),
         *RECIPE, "--w_min", str(w), "--w_max", str(w), "--checkpointing_steps", "0", "--validation_steps", "0",
         "--report_to", "none", "--seed", str(args.seed), "--mixed_precision", "no",
+        "--cache_dtype", "fp32",  # the committed models/ were trained from an fp32 cache: they re-train bit for bit
     ]  # fmt: skip
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)

@@ -29,8 +29,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .atomic import save_safetensors
-from .data import draw_flip, sample_generator
 from .digests import file_sha256
+from .transforms import draw_flip, sample_generator
 
 logger = logging.getLogger(__name__)
 INDEX_NAME = "index.safetensors"

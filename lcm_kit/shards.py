@@ -4,6 +4,10 @@ A sample is the members that share a key (webdataset convention: ``dir/abc.seg.j
 ``seg.jpg``); the image is its ``.jpg/.jpeg/.png/.webp`` member, the caption its ``.txt`` member, else
 ``json[caption_column]``. Nothing is decoded while indexing, and any order of access is cheap, so the sampler
 shuffles and resume is exact (no shard resampling as in streaming webdataset pipelines).
+
+A :class:`ShardSource` indexes the shards it is given: all of them for the latent cache (which needs every sample),
+one shard at a time of the process's own share when training streams the shards without a cache
+(:mod:`lcm_kit.streaming`).
 """
 
 from __future__ import annotations

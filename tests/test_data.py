@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lcm_kit.data import DataConfig, EpochSampler, build_dataset, open_source, transform_image
+from lcm_kit.data import DataConfig, EpochSampler, build_dataset, open_source
+from lcm_kit.transforms import transform_image
 
 
 def _img(seed: int, size=(24, 20)) -> Image.Image:
@@ -148,7 +149,7 @@ def test_crop_and_flip():
 def test_sdxl_size_ids_say_where_the_crop_came_from():
     # A 48x32 image resized to 24x16, cropped to 16 at a random left: the ids (original h, w, top, left, 16, 16) name
     # the crop's corner in the resized image, and for a flipped sample its corner in the flipped resized image.
-    from lcm_kit.data import crop_box, crop_image, size_ids
+    from lcm_kit.transforms import crop_box, crop_image, size_ids
 
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8))

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..conditioning import TextCond
 from ..lora import adapter_mode
 from ..loss import DistillLossOutput
+from ..streaming import all_shards
 from . import checkpoints as ckpts
 from . import outputs
 from .config import RunConfig
@@ -57,6 +58,8 @@ def setup(config: RunConfig, accelerator) -> TrainState:
     """Teacher, data, networks, objective, optimizer, accelerate preparation, checkpoint hooks."""
     m = config.model
     weight_dtype = weight_dtype_for(accelerator.mixed_precision)
+    if config.data.train_shards and not config.data.cache_dir:  # one shard per process at least: fail before loading
+        all_shards(config.data, accelerator.num_processes)
     try:
         teacher = load_teacher(m.pretrained_teacher_model, accelerator.device, weight_dtype)
     except OSError as err:  # missing files / unknown hub id: a user error, reported before any training

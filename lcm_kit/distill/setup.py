@@ -32,12 +32,14 @@ def make_accelerator(config: RunConfig):
 
 
 def build_data(config: RunConfig, teacher: Teacher, accelerator) -> tuple[torch.utils.data.DataLoader, int, int]:
-    """Dataset (cached latents with ``--cache_dir``, else images) + loader + sampler; ``(loader, n, skipped)``."""
+    """Dataset (cached latents with ``--cache_dir``, shards streamed without it, else images) + loader + sampler;
+    ``(loader, n, skipped)``."""
     from ..cache_shards import CachedLatentDataset
     from ..data import EpochSampler, build_dataset, open_source
     from ..latent_cache import cached_latents
 
-    data, seed = config.data, config.optim.seed
+    data, seed, batch = config.data, config.optim.seed, config.optim.train_batch_size
+    skipped, sampler = 0, None
     if data.cache_dir:
         source = open_source(data)
         ctx = build_context(accelerator, data.cache_dir)
@@ -46,14 +48,33 @@ def build_data(config: RunConfig, teacher: Teacher, accelerator) -> tuple[torch.
         if accelerator.is_main_process:
             print(f"[data] latent cache {folder}: {len(cache)} samples, {cache.nbytes / 2**20:.1f} MiB "
                   f"({cache.nbytes / len(cache) / 1024:.1f} KiB/sample)")  # fmt: skip
+    elif data.train_shards:
+        ds, sampler = _streamed(data, batch, seed, accelerator)
     else:
         ds, skipped = build_dataset(data, seed)
     if skipped and accelerator.is_main_process:
         print(f"[data] skipped {skipped} unreadable image(s) / missing caption(s); training on {len(ds)}")
-    sampler = EpochSampler(len(ds), seed)
-    loader = torch.utils.data.DataLoader(ds, batch_size=config.optim.train_batch_size, sampler=sampler,
+    n = len(ds) if sampler is None else sampler.n_samples
+    sampler = EpochSampler(n, seed) if sampler is None else sampler
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler,
                                          num_workers=config.optim.dataloader_num_workers)  # fmt: skip
-    return loader, len(ds), skipped
+    return loader, n, skipped
+
+
+def _streamed(data, batch: int, seed: int, accelerator):
+    """Shards streamed without a cache (:mod:`lcm_kit.streaming`): this rank's dataset and the shared sampler."""
+    from accelerate.utils import gather_object
+
+    from ..streaming import stream_data
+
+    state = accelerator.state
+    ds, sampler = stream_data(data, batch, seed, state.process_index, state.num_processes, gather_object)
+    if accelerator.is_main_process:
+        per_rank = [sum(s) for s in sampler.sizes]
+        print(f"[data] streaming {sampler.n_samples} samples from {sum(map(len, sampler.sizes))} shard(s) without a "
+              f"cache; samples per process {per_rank}, {sampler.per_rank} batches per process and epoch; "
+              "unreadable samples are replaced as they are found")  # fmt: skip
+    return ds, sampler
 
 
 def build_context(accelerator, cache_dir: str):
@@ -65,8 +86,18 @@ def build_context(accelerator, cache_dir: str):
     state, barrier = accelerator.state, accelerator.wait_for_everyone
     local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
     if local == state.num_processes or _shared_folder(Path(cache_dir), accelerator):
-        return BuildContext(state.process_index, state.num_processes, barrier)
-    return BuildContext(state.local_process_index, local, barrier)
+        return BuildContext(state.process_index, state.num_processes, barrier, from_main_process(accelerator))
+    return BuildContext(state.local_process_index, local, barrier, from_main_process(accelerator))
+
+
+def from_main_process(accelerator):
+    """``compute()`` run by the main process only, its result broadcast to all (the cache key: one data hash)."""
+    from accelerate.utils import broadcast_object_list
+
+    def share(compute):
+        return broadcast_object_list([compute() if accelerator.is_main_process else None])[0]
+
+    return share
 
 
 def _shared_folder(folder: Path, accelerator) -> bool:
