@@ -1,4 +1,4 @@
-"""The training side: distil a frozen SD teacher into an LCM-LoRA or a full LCM (``train/distill_lora.py``).
+"""The training side: distil a frozen SD or SDXL teacher into an LCM-LoRA or a full LCM (``train/distill_lora.py``).
 
 Files in the order the data flows through them:
 
