@@ -96,15 +96,17 @@ def test_too_few_shards_too_few_samples_and_max_train_samples_fail(tmp_path):
     DataConfig(train_shards=pattern, resolution=16, max_train_samples=2, cache_dir=str(tmp_path), center_crop=True)
 
 
-def test_streamed_run_resumes_exactly(tmp_path, tiny_sd_dir):
+@pytest.mark.parametrize("teacher", ["tiny_sd_dir", "tiny_sdxl_dir"])
+def test_streamed_run_resumes_exactly(tmp_path, request, teacher):
     # 2 shards (3 + a corrupt one, 2) streamed by one process, batch 2, accumulation 2: 3 batches an epoch, so the
-    # resume point is mid-epoch and the run crosses epochs (the corrupt sample is replaced in both runs alike)
-    main = load_script().main
+    # resume point is mid-epoch and the run crosses epochs (the corrupt sample is replaced in both runs alike); SDXL:
+    # the streamed samples carry their size / crop ids
+    main, teacher = load_script().main, request.getfixturevalue(teacher)
     pattern = make_shards(tmp_path / "shards", corrupt=1)
     extra = ("--gradient_accumulation_steps", "2", "--random_flip")
 
     def args(out, steps, *more):
-        return shard_args(tiny_sd_dir, pattern, out, steps, *extra, *more)
+        return shard_args(teacher, pattern, out, steps, *extra, *more)
 
     assert main(args(tmp_path / "a", 4)) == 0
     assert main(args(tmp_path / "b", 3)) == 0
