@@ -10,7 +10,8 @@ hidden states, concatenated along the feature axis; the pooled (projected) embed
 unconditional branch is all zeros when the folder's ``force_zeros_for_empty_prompt`` is true (SDXL base's setting,
 as diffusers' SDXL LCM scripts train), else the encoding of the empty prompt. The time ids are
 ``(original_height, original_width, crop_top, crop_left, target_height, target_width)`` (SDXL, arXiv 2307.01952,
-section 2.2): the image's size before resizing, the crop's top-left corner in the resized image, the training size.
+section 2.2): the image's size before resizing, the crop's top-left corner in the resized image, the training size,
+made per sample by :func:`lcm_kit.transforms.size_ids`.
 """
 
 from __future__ import annotations
@@ -56,12 +57,6 @@ class TextCond(NamedTuple):
         n = self.embeds.shape[0]
         pooled = None if uncond.pooled is None else uncond.pooled.to(self.pooled).expand(n, -1)
         return TextCond(uncond.embeds.to(self.embeds).expand_as(self.embeds), pooled, self.time_ids)
-
-
-def time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, resolution: int) -> torch.Tensor:
-    """SDXL's ``(B, 6)`` float32 micro-conditioning from ``(B, 2)`` original sizes and crop corners."""
-    target = torch.tensor([resolution, resolution]).expand_as(original_size)
-    return torch.cat([original_size, crop_top_left, target], dim=-1).float()
 
 
 @dataclass

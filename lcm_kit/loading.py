@@ -215,8 +215,7 @@ def _component_dtype(torch_dtype, name: str):
 
 __all__ = [
     "check_sdxl", "check_supported", "checked_components", "checked_pipeline_kwargs", "is_sdxl_folder", "load_checked",
-    "loading_error",
-    "native_resolution", "unsupported_reasons",
+    "loading_error", "native_resolution", "unsupported_reasons",
 ]
 
 

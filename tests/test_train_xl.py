@@ -38,11 +38,13 @@ def test_text_conditioning_equals_the_sdxl_pipeline(tiny_sdxl_dir):
     torch.testing.assert_close(ours["pooled_prompt_embeds"], pooled, rtol=0, atol=0)
     null = teacher.text.uncond()
     assert torch.equal(null.embeds, uncond[:1]) and torch.equal(null.pooled, uncond_pooled[:1])
-    # the UNet call: the same size / crop ids as the pipeline's _get_add_time_ids for a 16 px, uncropped image
-    ids = pipe._get_add_time_ids((16, 16), (0, 0), (16, 16), torch.float32, pipe.text_encoder_2.config.projection_dim)
-    from lcm_kit.conditioning import time_ids
+    # the UNet call: the same size / crop ids as the pipeline's _get_add_time_ids, for a 24x16 image center-cropped to
+    # 16 px (original (16, 24), crop corner (0, 4), target (16, 16))
+    from lcm_kit.transforms import crop_box, size_ids
 
-    assert torch.equal(time_ids(torch.tensor([[16, 16]]), torch.tensor([[0, 0]]), 16), ids)
+    dim = pipe.text_encoder_2.config.projection_dim
+    ids = pipe._get_add_time_ids((16, 24), (0, 4), (16, 16), torch.float32, dim)
+    assert torch.equal(size_ids((24, 16), crop_box((24, 16), 16, center_crop=True), 16, flip=False)[None], ids)
 
 
 def test_per_teacher_defaults(tiny_sd_dir, tiny_sdxl_dir, images, tmp_path):

@@ -173,13 +173,12 @@ class Networks:
         ``base`` is the unwrapped student (no DDP for no-grad)."""
         dtype = self.weight_dtype
         s_dtype = dtype if self.teacher is None else torch.float32
-        both = text.cat(text.unconditional(uncond))
 
         def student(z, t, w):
             return call_unet(self.student, z, t, text, w, self.w_dim, s_dtype)
 
         def teacher(z, t):  # cond and uncond batched in one UNet call
-            z2, t2 = torch.cat([z, z]), torch.cat([t, t])
+            z2, t2, both = torch.cat([z, z]), torch.cat([t, t]), text.cat(text.unconditional(uncond))
             if self.teacher is None:
                 with teacher_mode(base):
                     out = call_unet(base, z2, t2, both, dtype=dtype)

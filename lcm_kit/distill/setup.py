@@ -83,11 +83,11 @@ def build_context(accelerator, cache_dir: str):
     own disk with its own processes."""
     from ..latent_cache import BuildContext
 
-    state, barrier = accelerator.state, accelerator.wait_for_everyone
+    state, barrier, share = accelerator.state, accelerator.wait_for_everyone, from_main_process(accelerator)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
     if local == state.num_processes or _shared_folder(Path(cache_dir), accelerator):
-        return BuildContext(state.process_index, state.num_processes, barrier, from_main_process(accelerator))
-    return BuildContext(state.local_process_index, local, barrier, from_main_process(accelerator))
+        return BuildContext(state.process_index, state.num_processes, barrier, share)
+    return BuildContext(state.local_process_index, local, barrier, share)
 
 
 def from_main_process(accelerator):
